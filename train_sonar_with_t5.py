@@ -231,7 +231,7 @@ def screen_manifest_rows(rows, require_text=True):
     """
     skipped, texts_by_id = [], {}
     for row in rows:
-        if row.id:
+        if row.id and row.text:
             texts_by_id.setdefault(row.id, set()).add(row.text)
     kept, seen = [], set()
     for row in rows:
@@ -270,13 +270,13 @@ def _scan_clip(path, trim_zero_frames):
     except Exception as error:  # noqa: BLE001 - any read failure is reported, never raised
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"unreadable feature file ({first[:120]})"
+    if features.numel() and not torch.isfinite(features).all():
+        return "clip has NaN/Inf values"
     if trim_zero_frames:  # features padded to 300 frames in the file: padding must not enter the mean
         nonzero = features.abs().sum(dim=1) > 0
         features = features[: int(nonzero.nonzero().max()) + 1] if nonzero.any() else features[:0]
     if features.shape[0] == 0 or features.shape[1] == 0:
         return "empty clip (no frames)"
-    if not torch.isfinite(features).all():
-        return "clip has NaN/Inf values"
     return features.double().mean(dim=0).float(), features.shape[0], features.shape[1]
 
 
@@ -345,7 +345,10 @@ class How2SignDataset(Dataset):
     def tokenize(self, tokenizer, max_target_length):
         """Tokenise every target once (not at every step)."""
         encoded = tokenizer(self.texts, max_length=max_target_length, truncation=True)
-        self.label_ids = [torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]]
+        self.label_lengths = torch.tensor([len(ids) for ids in encoded["input_ids"]])
+        self.label_ids = torch.full((len(self), int(self.label_lengths.max())), -100, dtype=torch.long)
+        for row, ids in enumerate(encoded["input_ids"]):
+            self.label_ids[row, : len(ids)] = torch.tensor(ids)
 
     def frames(self, index):
         features = load_clip_features(self.paths[index])[: int(self.lengths[index])]
@@ -356,7 +359,9 @@ class How2SignDataset(Dataset):
                 "clip_mean": self.clip_means[index], "length": self.lengths[index]}
         if self.sentence_embeddings is not None:
             item["sentence_embedding"] = self.sentence_embeddings[index]
-        if self.return_frames:  # padded to the dataset's longest clip so default collate stacks it
+        # Frames and labels are padded to the dataset's longest so default collate stacks them;
+        # collate_clips trims them back to the batch's longest.
+        if self.return_frames:
             frames = self.frames(index)
             item["frames"] = F.pad(frames, (0, 0, 0, self.max_frames - frames.shape[0]))
         if self.label_ids is not None:
@@ -365,11 +370,10 @@ class How2SignDataset(Dataset):
 
 
 def collate_clips(items):
-    """Default collate, with labels padded by -100 and frames trimmed to the batch's longest clip."""
-    labels = [item.pop("labels") for item in items] if "labels" in items[0] else None
+    """Default collate, then frames and -100-padded labels trimmed to the batch's longest (dynamic padding)."""
     batch = default_collate(items)
-    if labels is not None:
-        batch["labels"] = nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)
+    if "labels" in batch:
+        batch["labels"] = batch["labels"][:, : int((batch["labels"] != -100).sum(dim=1).max())]
     if "frames" in batch:
         batch["frames"] = batch["frames"][:, : int(batch["length"].max())]
     return batch

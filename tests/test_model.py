@@ -1,0 +1,149 @@
+"""The encoder loader, the bridge (the guide's bug and the fix), standardisation, overfitting, diagnosis."""
+
+import pytest
+import torch
+
+from conftest import tsw
+
+
+def encoder_state(project_template):
+    raw = torch.load(project_template["encoder"])["encoder_state_dict"]
+    return {k[len("encoder."):]: v for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("form", ["bare", "encoder_state_dict", "model_state_dict", "prefixed"])
+def test_encoder_loads_from_every_users_format(project_template, tmp_path, form):
+    state = encoder_state(project_template)
+    wrapped = {"bare": state, "encoder_state_dict": {"encoder_state_dict": state, "epoch": 3},
+               "model_state_dict": {"model_state_dict": state},
+               "prefixed": {"model_state_dict": {f"encoder.{k}": v for k, v in state.items()}}}[form]
+    torch.save(wrapped, tmp_path / "enc.pt")
+    encoder = tsw.load_sonar_encoder(tmp_path / "enc.pt").eval()
+    assert encoder.dims == (64, 512, 512, 1024)
+    reference = tsw.SonarEncoder((64, 512, 512, 1024)).eval()
+    reference.load_state_dict(state)
+    x = torch.randn(3, 64)
+    assert torch.equal(encoder(x), reference(x))
+
+
+def test_encoder_with_missing_or_extra_keys_is_refused_by_name(project_template, tmp_path):
+    state = encoder_state(project_template)
+    partial = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(tsw.UserError, match=r"missing keys: \['norm.bias', 'norm.weight'\]"):
+        tsw.load_sonar_encoder(tmp_path / "partial.pt")
+    torch.save({**state, "head.weight": torch.zeros(2)}, tmp_path / "extra.pt")
+    with pytest.raises(tsw.UserError, match=r"unexpected keys: \['head.weight'\]"):
+        tsw.load_sonar_encoder(tmp_path / "extra.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(tsw.UserError, match="no encoder weights found"):
+        tsw.load_sonar_encoder(tmp_path / "other.pt")
+
+
+def tiny_model(project_template, **options):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration.from_pretrained(project_template["t5"])
+    tokenizer = AutoTokenizer.from_pretrained(project_template["t5"])
+    return tsw.SONARwithT5(project_template["encoder"], t5=t5, tokenizer=tokenizer, **options)
+
+
+def test_guide_bridge_gives_every_query_position_the_same_vector(project_template):
+    """The bug: attention over one key hands all 32 queries the same vector."""
+    model = tiny_model(project_template, bridge="guide", bridge_layernorm=False).eval()
+    tokens = model.bridge(torch.nn.functional.normalize(torch.randn(4, 1024), dim=-1))
+    assert tokens.shape == (4, 32, 128)
+    assert torch.allclose(tokens, tokens[:, :1].expand_as(tokens), atol=1e-5)
+
+
+def test_default_bridge_differs_across_positions_and_clips(project_template):
+    model = tiny_model(project_template).eval()
+    assert isinstance(model.attention_bridge, torch.nn.MultiheadAttention)
+    assert model.expander.shape == (32, 128)
+    base = torch.nn.functional.normalize(torch.randn(1, 1024), dim=-1)
+    # Clips whose embeddings have cosine ~0.99, as the users' encoder produces.
+    embeddings = torch.nn.functional.normalize(base + 0.1 * torch.randn(6, 1024) / 1024 ** 0.5, dim=-1)
+    assert tsw.mean_pairwise_cosine(embeddings) > 0.98
+    model.fit_standardizer(embeddings)
+    tokens = model.bridge(embeddings)
+    rms = tokens.pow(2).mean().sqrt()
+    assert tokens.std(dim=1).mean() / rms > 0.1      # query positions distinct
+    assert tokens.std(dim=0).mean() / rms > 0.1      # clips distinct despite cosine 0.99
+    # The output starts at T5's own embedding scale.
+    assert model.output_scale.item() == pytest.approx(tsw.embedding_scale(model.t5), rel=1e-5)
+
+
+def test_standardisation_buffers_are_saved_and_restored(project_template, tmp_path):
+    model = tiny_model(project_template)
+    embeddings = torch.randn(20, 1024) * 3 + 1
+    model.fit_standardizer(embeddings)
+    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "m.pt")
+    fresh = tiny_model(project_template)
+    assert not torch.allclose(fresh.embedding_mean, model.embedding_mean)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt")["model_state_dict"])
+    assert torch.equal(fresh.embedding_mean, embeddings.mean(0))
+    assert torch.allclose(fresh.embedding_std, embeddings.std(0, unbiased=False))
+
+
+@pytest.fixture(scope="module")
+def overfit(project_template):
+    """A tiny model trained on 6 clips until it reproduces them (at most 400 steps)."""
+    dataset = tsw.How2SignDataset(project_template["root"] / "manifests/train.tsv",
+                                  project_template["root"] / "features/train")
+    model = tiny_model(project_template)
+    dataset.tokenize(model.tokenizer, 32)
+    batch = tsw.collate_clips([dataset[i] for i in range(6)])
+    model.fit_standardizer(tsw.encode_dataset(model, dataset))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(1, 401):
+        model.train()
+        loss, _ = model(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 25 == 0:
+            model.eval()
+            if model.generate(batch, max_new_tokens=32) == batch["text"]:
+                break
+    model.eval()
+    return model, dataset, batch, step
+
+
+def test_tiny_model_overfits_a_handful_of_clips_to_distinct_correct_outputs(overfit):
+    model, _, batch, steps = overfit
+    predictions = model.generate(batch, max_new_tokens=32)
+    assert predictions == batch["text"], f"after {steps} steps: {predictions}"
+    assert len(set(predictions)) == 6
+
+
+def test_collapse_diagnosis_names_the_stage(overfit, project_template):
+    model, dataset, batch, _ = overfit
+    healthy = model.generate(batch, max_new_tokens=32)
+    references = list(batch["text"])
+    diagnostics = tsw.collapse_diagnostics(model, dataset, healthy, references, max_clips=6)
+    assert diagnostics["distinct_share"] == 1.0
+    assert tsw.diagnose_collapse(diagnostics) is None                   # quiet when healthy
+    # The same healthy bridge with collapsed predictions: the decoder is to blame.
+    collapsed = tsw.collapse_diagnostics(model, dataset, [healthy[0]] * 6, references, max_clips=6)
+    assert "DECODER" in tsw.diagnose_collapse(collapsed)
+    # The guide's bridge: identical query positions.
+    guide = tiny_model(project_template, bridge="guide", bridge_layernorm=False)
+    dataset.sentence_embeddings = tsw.encode_dataset(guide, dataset)
+    stats = tsw.collapse_diagnostics(guide, dataset, ["same"] * 6, references, max_clips=6)
+    assert stats["bridge_spread_positions"] < 1e-4
+    assert "BRIDGE" in tsw.diagnose_collapse(stats)
+    # An encoder that maps every clip to the same vector.
+    dataset.sentence_embeddings = torch.nn.functional.normalize(torch.ones(len(dataset), 1024), dim=-1)
+    stats = tsw.collapse_diagnostics(model, dataset, ["same"] * 6, references, max_clips=6)
+    assert stats["encoder_cosine"] == pytest.approx(1.0)
+    assert "ENCODER" in tsw.diagnose_collapse(stats)
+    dataset.sentence_embeddings = None
+
+
+def test_evaluation_decoding_is_deterministic(overfit):
+    model, dataset, _, _ = overfit
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False)
+    first = tsw.evaluate_model(model, loader, "cpu")
+    second = tsw.evaluate_model(model, loader, "cpu")
+    assert first[2] == second[2] and first[0] == second[0]
+    assert len(first[2]) == len(dataset)
