@@ -1425,7 +1425,7 @@ def run_check(args):
         print(f"  ok  {split}: {rows} manifest rows -> {len(dataset)} usable clips "
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
         for reason, count in reasons.most_common():
-            examples = [clip_id for clip_id, r in dataset.skipped if r.startswith(reason)][:3]
+            examples = list(dict.fromkeys(clip_id for clip_id, r in dataset.skipped if r.startswith(reason)))[:3]
             print(f"      {count} {reason}: {', '.join(examples)}")
     print("All checks passed: ready to train." if ok else "Fix the problems above before training.")
     return 0 if ok else 1

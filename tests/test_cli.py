@@ -1,0 +1,198 @@
+"""End to end: the guide's Cell 5 command line and Cell 7 snippet, --check, --predict, outputs, cache."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CELL5, ROOT, quick_flags, tsw
+
+CELL7 = '''# Load best checkpoint and evaluate on validation set
+import torch
+from train_sonar_with_t5 import SONARwithT5, evaluate_model, How2SignDataset
+from torch.utils.data import DataLoader
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Load model with best checkpoint
+model = SONARwithT5(
+    sonar_checkpoint="checkpoints/sonar_encoder_finetuned/best_encoder.pt",
+    device=device
+)
+checkpoint = torch.load("checkpoints/sonar_t5_attention_final/best_model.pt")
+model.load_state_dict(checkpoint['model_state_dict'])
+
+# Evaluate
+val_dataset = How2SignDataset("data/How2Sign_val.json")
+val_loader = DataLoader(val_dataset, batch_size=16, shuffle=False)
+
+bleu, loss, predictions = evaluate_model(model, val_loader, device)
+print(f"\\nFinal Results:")
+print(f"  BLEU: {bleu:.2f}%")
+print(f"  Loss: {loss:.4f}")
+print(f"\\nSample Predictions:")
+for i, (gt, pred) in enumerate(predictions[:5]):
+    print(f"\\n{i+1}. Ground Truth: {gt}")
+    print(f"   Prediction:    {pred}")
+'''
+GUIDE = ROOT.parent / "shared" / "seed" / "colab-training-guide-attention-bridge.md"
+
+
+def test_cell7_copy_is_the_guides_text():
+    if not GUIDE.is_file():
+        pytest.skip(f"guide not found at {GUIDE}")
+    cell = re.search(r"### Cell 7: Evaluate\s+```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
+    assert cell == CELL7
+
+
+def rewrite_encoder(root, form):
+    path = root / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"
+    state = {k[len("encoder."):]: v for k, v in torch.load(path)["encoder_state_dict"].items()}
+    torch.save({"bare": state, "encoder_state_dict": {"encoder_state_dict": state},
+                "model_state_dict": {"model_state_dict": state, "epoch": 4},
+                "prefixed": {f"encoder.{k}": v for k, v in state.items()}}[form], path)
+
+
+@pytest.mark.parametrize("form", ["bare", "encoder_state_dict", "model_state_dict", "prefixed"])
+def test_cell5_command_line_then_cell7_snippet(project, form, capsys):
+    rewrite_encoder(project, form)
+    assert tsw.main(CELL5) == 0
+    out = project / "checkpoints/sonar_t5_attention_test"
+    log = (out / "train.log").read_text()
+    assert "CUDA is not available on this machine: running on CPU instead." in log
+    assert "sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a" in log
+    assert re.search(r"epoch 2/2: val loss [\d.]+ \| BLEU [\d.]+ \| chrF [\d.]+", log)
+    assert len(re.findall(r"\s\d\. \[demo_val_\d+\] reference: ", log)) == 10   # 5 samples x 2 epochs
+    assert "diagnostics: encoder cosine" in log
+
+    checkpoint = torch.load(out / "best_model.pt")             # plain torch.load: weights only
+    assert {"model_state_dict", "epoch", "val_bleu", "args"} <= set(checkpoint)
+    assert checkpoint["args"]["epochs"] == 2 and checkpoint["epoch"] in (1, 2)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"train_loss", "val_loss", "val_bleu", "val_chrf", "seconds", "distinct_share",
+                "encoder_cosine", "bridge_spread_clips", "bridge_spread_positions"} <= set(m)
+    rows = (out / "best_predictions.tsv").read_text().splitlines()
+    assert rows[0] == "id\treference\tprediction"
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == [f"demo_val_{i:05d}" for i in range(48, 60)]
+    skipped = (out / "skipped_clips.tsv").read_text()
+    assert "demo_missing_clip\ttrain: missing feature file" in skipped
+    assert "<line 50>\ttrain: empty id in manifest" in skipped
+
+    # Cell 6 writes ..._final; a user who stops after Cell 5 has the same files there.
+    shutil.copytree(out, project / "checkpoints/sonar_t5_attention_final")
+    capsys.readouterr()
+    exec(compile(CELL7, "cell7", "exec"), {})
+    printed = capsys.readouterr().out
+    bleu = float(re.search(r"BLEU: ([\d.]+)%", printed).group(1))
+    assert printed.count("Ground Truth:") == 5 and printed.count("Prediction:") == 5
+    results = json.loads((out / "results.json").read_text())
+    assert bleu == pytest.approx(results["val_bleu"], abs=0.01)   # same model, same decoding
+
+
+def test_check_reports_each_problem_and_exits(project, capsys):
+    with open(project / "manifests/train.tsv", "a") as handle:
+        handle.write("demo_train_00001\t1.0\tA different sentence for the same id.\n")
+    (project / "features/val/demo_val_00050.npy").write_bytes(b"broken")
+    assert tsw.main(["--check", "--t5_model", "t5-small"]) == 0      # the guide's default paths
+    report = capsys.readouterr().out
+    assert "ok  encoder checkpoint" in report and "(layers 64 -> 512 -> 512 -> 1024)" in report
+    assert "train: 51 manifest rows -> 47 usable clips (feature dims: 64-d x47" in report
+    assert "1 empty id in manifest" in report and "1 missing feature file: demo_missing_clip" in report
+    assert "2 id shared by 2 different texts: demo_train_00001\n" in report
+    assert "1 unreadable feature file: demo_val_00050" in report
+    assert "All checks passed" in report
+    shutil.rmtree(project / "features/val")
+    assert tsw.main(["--check"]) == 1
+    assert "ERR val: features folder not found: features/val" in capsys.readouterr().out
+
+
+def test_bad_flags_are_reported_together_before_any_work(project, capsys):
+    code = tsw.main(["--batch_size", "0", "--num_queries", "0", "--train_features", "nowhere",
+                     "--label_smoothing", "1.5", "--output_dir", "out"])
+    assert code == 2
+    printed = capsys.readouterr().out
+    for text in ("--batch_size must be at least 1", "--num_queries must be at least 1",
+                 "--train_features folder not found: nowhere", "--label_smoothing must be in [0, 1)"):
+        assert text in printed
+    assert "Traceback" not in printed and not (project / "out" / "best_model.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(project_template, tmp_path_factory):
+    """One short run shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("trained") / "project"
+    shutil.copytree(project_template["root"], root)
+    out = root / "run"
+    assert tsw.main(quick_flags(root, out, "--epochs", "2", "--label_smoothing", "0")) == 0
+    return root, out
+
+
+def test_outputs_results_plot_and_export(trained):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    root, out = trained
+    results = json.loads((out / "results.json").read_text())
+    assert {"best_epoch", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "val_chrf", "signature",
+            "distinct_share", "val_bleu"} <= set(results)
+    assert results["bleu_1"] >= results["bleu_4"] == pytest.approx(results["val_bleu"])
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    exported = T5ForConditionalGeneration.from_pretrained(out / "t5_export")
+    AutoTokenizer.from_pretrained(out / "t5_export")
+    state = torch.load(out / "best_model.pt")["model_state_dict"]
+    assert torch.equal(exported.state_dict()["shared.weight"], state["t5.shared.weight"])
+
+
+def test_predict_needs_only_the_checkpoint_and_reproduces_evaluation(trained, tmp_path):
+    root, out = trained
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out, moved)                 # a laptop: no training flags, no original T5 folder
+    hidden = root / "t5-small-hidden"
+    (root / "t5-small").rename(hidden)
+    try:
+        code = tsw.main(["--predict", "--checkpoint", str(moved / "best_model.pt"), "--features",
+                         str(root / "features/val"), "--manifest", str(root / "manifests/val.tsv"),
+                         "--device", "cpu"])
+    finally:
+        hidden.rename(root / "t5-small")
+    assert code == 0
+    predicted = dict(line.split("\t") for line in (moved / "predictions.tsv").read_text().splitlines()[1:])
+    evaluated = {r.split("\t")[0]: r.split("\t")[2] for r in (out / "best_predictions.tsv").read_text().splitlines()[1:]}
+    assert predicted == evaluated
+
+
+def test_resume_with_other_architecture_flags_is_refused(trained, capsys):
+    root, out = trained
+    code = tsw.main(quick_flags(root, out, "--epochs", "3", "--resume", "--bridge", "guide"))
+    assert code == 2
+    assert "cannot resume from" in capsys.readouterr().out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_frozen_encoder_runs_once_per_clip_across_epochs(project, monkeypatch):
+    rows = []
+    forward = tsw.SonarEncoder.forward
+    monkeypatch.setattr(tsw.SonarEncoder, "forward", lambda self, x: rows.append(len(x)) or forward(self, x))
+    assert tsw.main(quick_flags(project, project / "run", "--epochs", "2")) == 0
+    assert sum(rows) == 48 + 12           # every train and val clip once, not once per step or epoch
+
+
+def test_cached_and_uncached_batches_give_the_same_loss(project_template):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    dataset = tsw.How2SignDataset(project_template["root"] / "manifests/train.tsv",
+                                  project_template["root"] / "features/train")
+    for frozen in (True, False):
+        torch.manual_seed(0)
+        model = tsw.SONARwithT5(project_template["encoder"], freeze_encoder=frozen,
+                                t5=T5ForConditionalGeneration.from_pretrained(project_template["t5"]),
+                                tokenizer=AutoTokenizer.from_pretrained(project_template["t5"])).eval()
+        dataset.tokenize(model.tokenizer, 32)
+        dataset.sentence_embeddings = None
+        uncached = model(tsw.collate_clips([dataset[i] for i in range(8)]))[0]
+        dataset.sentence_embeddings = tsw.encode_dataset(model, dataset)
+        cached = model(tsw.collate_clips([dataset[i] for i in range(8)]))[0]
+        assert torch.allclose(cached, uncached, atol=1e-5)
