@@ -571,8 +571,8 @@ class SONARwithT5(nn.Module):
         self.t5, self.tokenizer = t5, tokenizer
         self.t5_model_name, self.freeze_encoder, self.options = t5_model_name, freeze_encoder, options
         self.label_smoothing = 0.0
-        if freeze_encoder:
-            self.sonar_encoder.requires_grad_(False)
+        if freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
+            self.sonar_encoder.requires_grad_(False).eval()
 
         d_model, embed_dim = t5.config.d_model, self.sonar_encoder.output_dim
         queries, kind = options["num_queries"], options["bridge"]

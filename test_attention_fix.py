@@ -1,0 +1,129 @@
+"""The guide's Cell 4: check that the bridge can carry per-clip information before training.
+
+    python test_attention_fix.py                       # the guide's paths, from its project folder
+    python test_attention_fix.py --t5_model path/to/t5 --sonar_checkpoint enc.pt --bridge guide
+
+Builds SONARwithT5 and checks, on a few real clips (or synthetic ones shaped like them):
+shapes, that gradients reach the bridge but not the frozen encoder, that a training step and
+generation run, and that the bridge's outputs differ across clips and across query positions.
+Exit code 0 only if every check holds. With --bridge guide the last check fails: that is the bug.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import train_sonar_with_t5 as tsw
+
+SPREAD_MIN = 0.01   # relative spread below which outputs count as identical
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sonar_checkpoint", default="checkpoints/sonar_encoder_finetuned/best_encoder.pt",
+                   help="encoder checkpoint")
+    p.add_argument("--t5_model", default=tsw.DEFAULT_T5, help="hub name or local folder")
+    p.add_argument("--features", default="features/train", help="folder of clips to probe with (optional)")
+    p.add_argument("--manifest", default="manifests/train.tsv", help="manifest of those clips (optional)")
+    p.add_argument("--bridge", choices=tsw.BRIDGE_KINDS, default=tsw.MODEL_DEFAULTS["bridge"], help="bridge")
+    p.add_argument("--num_queries", type=int, default=tsw.MODEL_DEFAULTS["num_queries"], help="queries")
+    p.add_argument("--clips", type=int, default=8, help="clips to probe with")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    return p.parse_args(argv)
+
+
+def probe_batch(args, model):
+    """A batch of real clips when the guide's data is there, else synthetic clips with cosine ~0.99."""
+    manifest, features = Path(args.manifest), Path(args.features)
+    if manifest.is_file() and features.is_dir():
+        try:
+            dataset = tsw.How2SignDataset(manifest, features, feature_dim=model.sonar_encoder.input_dim)
+            source = f"{min(args.clips, len(dataset))} clips from {manifest}"
+            indices = range(min(args.clips, len(dataset)))
+            dataset.tokenize(model.tokenizer, 64)
+            return tsw.collate_clips([dataset[i] for i in indices]), source, dataset
+        except tsw.UserError as error:
+            print(f"  (could not read the clips: {error}; using synthetic ones)")
+    generator = torch.Generator().manual_seed(0)
+    dim = model.sonar_encoder.input_dim
+    shared = 10 * torch.randn(dim, generator=generator)
+    clip_mean = shared + torch.randn(args.clips, dim, generator=generator)
+    texts = [f"This is test sentence number {i}." for i in range(args.clips)]
+    encoded = model.tokenizer(texts, padding=True, return_tensors="pt")
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    batch = {"clip_mean": clip_mean, "length": torch.full((args.clips,), 10), "text": texts, "labels": labels,
+             "id": [f"synthetic{i}" for i in range(args.clips)]}
+    return batch, f"{args.clips} synthetic clips", None
+
+
+def run_checks(args):
+    results = []
+
+    def check(name, passed, detail=""):
+        results.append(passed)
+        print(f"  {'PASS' if passed else 'FAIL'}  {name}" + (f": {detail}" if detail else ""))
+
+    device = tsw.resolve_device(args.device)
+    print(f"Building SONARwithT5 (T5 '{args.t5_model}', bridge '{args.bridge}') on {device}...")
+    model = tsw.SONARwithT5(args.sonar_checkpoint, args.t5_model, device, bridge=args.bridge,
+                            num_queries=args.num_queries)
+    batch, source, dataset = probe_batch(args, model)
+    print(f"Probing with {source}.")
+    with torch.no_grad():
+        embeddings = model.sentence_embedding(batch)
+    model.fit_standardizer(embeddings)
+    batch["sentence_embedding"] = embeddings.cpu()
+    d_model = model.t5.config.d_model
+
+    model.eval()
+    with torch.no_grad():
+        tokens = model.bridge_batch(batch).float()
+    check("bridge output shape", tuple(tokens.shape) == (len(batch["text"]), args.num_queries, d_model),
+          f"{tuple(tokens.shape)}, expected (B, {args.num_queries}, {d_model})")
+    rms = tokens.pow(2).mean().sqrt().clamp(min=1e-12)
+    across_clips = float(tokens.std(dim=0).mean() / rms)
+    across_positions = float(tokens.std(dim=1).mean() / rms)
+    print(f"  (frozen embeddings' mean pairwise cosine: {tsw.mean_pairwise_cosine(embeddings):.4f})")
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss, _ = model(batch)
+    loss.backward()
+    bridge_grads = [p.grad for n, p in model.named_parameters()
+                    if not n.startswith(("t5.", "sonar_encoder.")) and p.requires_grad]
+    check("gradients reach the bridge", bool(bridge_grads) and all(
+        g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in bridge_grads if g is not None)
+        and model.expander.grad is not None and model.expander.grad.abs().sum() > 0)
+    check("frozen encoder gets no gradient",
+          all(p.grad is None and not p.requires_grad for p in model.sonar_encoder.parameters()))
+    before = model.expander.detach().clone()
+    optimizer.step()
+    check("a training step runs", bool(torch.isfinite(loss)) and not torch.equal(before, model.expander.detach()),
+          f"loss {float(loss):.3f}")
+    model.eval()
+    predictions = model.generate(batch, max_new_tokens=16, num_beams=1)
+    check("generation runs", len(predictions) == len(batch["text"]), repr(predictions[0])[:60])
+    check("bridge outputs differ across clips", across_clips > SPREAD_MIN, f"relative spread {across_clips:.4f}")
+    check("bridge outputs differ across query positions", across_positions > SPREAD_MIN,
+          f"relative spread {across_positions:.4f}" + (" (attention over one key: every query gets the "
+                                                        "same vector)" if across_positions <= SPREAD_MIN else ""))
+    return all(results)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        ok = run_checks(args)
+    except tsw.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("All checks passed: the bridge can carry per-clip information." if ok else
+          "Some checks failed: training this model would collapse or not learn (see above).")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The guide's Cell 4 script, run as the guide runs it: `python test_attention_fix.py` in the project folder."""
+
+import subprocess
+import sys
+
+from conftest import ROOT, SUBPROCESS_ENV
+
+SCRIPT = str(ROOT / "test_attention_fix.py")
+
+
+def run(project, *args):
+    return subprocess.run([sys.executable, SCRIPT, "--t5_model", "t5-small", *args], cwd=project,
+                          env={**SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_default_bridge_passes_every_check(project):
+    result = run(project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Probing with 8 clips from manifests/train.tsv" in result.stdout
+    assert result.stdout.count("PASS") == 7 and "FAIL" not in result.stdout
+
+
+def test_guide_bridge_fails_on_identical_query_positions(project):
+    result = run(project, "--bridge", "guide")
+    assert result.returncode == 1
+    assert "FAIL  bridge outputs differ across query positions" in result.stdout
+
+
+def test_missing_checkpoint_is_one_line(project):
+    result = run(project, "--sonar_checkpoint", "nowhere.pt")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: encoder checkpoint not found: nowhere.pt"
