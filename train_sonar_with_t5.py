@@ -239,7 +239,7 @@ def screen_manifest_rows(rows, require_text=True):
             skipped.append((f"<line {row.line}>", "empty id in manifest"))
         elif not row.text and require_text:
             skipped.append((row.id, "empty text in manifest"))
-        elif len(texts_by_id[row.id]) > 1:
+        elif len(texts_by_id.get(row.id, ())) > 1:
             skipped.append((row.id, f"id shared by {len(texts_by_id[row.id])} different texts"))
         elif row.id in seen:
             skipped.append((row.id, "duplicate manifest row"))
@@ -373,9 +373,9 @@ def collate_clips(items):
     """Default collate, then frames and -100-padded labels trimmed to the batch's longest (dynamic padding)."""
     batch = default_collate(items)
     if "labels" in batch:
-        batch["labels"] = batch["labels"][:, : int((batch["labels"] != -100).sum(dim=1).max())]
+        batch["labels"] = batch["labels"][:, : int((batch["labels"] != -100).sum(dim=1).max())].contiguous()
     if "frames" in batch:
-        batch["frames"] = batch["frames"][:, : int(batch["length"].max())]
+        batch["frames"] = batch["frames"][:, : int(batch["length"].max())].contiguous()
     return batch
 
 
@@ -684,20 +684,30 @@ class SONARwithT5(nn.Module):
     # -- T5 --------------------------------------------------------------------------------------
 
     def forward(self, batch):
-        """Token-level cross-entropy on batch['labels'] (padded with -100); returns (loss, tokens)."""
+        """Token-level cross-entropy on batch['labels'] (padded with -100); returns (loss, tokens).
+
+        T5 is called stack by stack so its vocabulary head (a quarter of t5-small's training FLOPs)
+        runs only where there is a target token, not on the -100 padding.
+        """
         inputs_embeds = self.bridge_batch(batch)                             # (B, Q, d)
         labels = batch["labels"].to(self.device)                             # (B, L)
-        start = self.t5.config.decoder_start_token_id
-        decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
-        decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100,
-                                                          self.t5.config.pad_token_id)
+        config = self.t5.config
+        decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], config.decoder_start_token_id),
+                                       labels[:, :-1]], dim=1)
+        decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, config.pad_token_id)
         attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=self.device)
-        logits = self.t5(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         decoder_input_ids=decoder_input_ids).logits          # (B, L, V)
+        memory = self.t5.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]   # (B, Q, d)
+        hidden = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
+                                 encoder_attention_mask=attention_mask, use_cache=False)[0]  # (B, L, d)
+        targets = labels != -100
+        hidden = hidden[targets]                                             # (N, d)
+        # T5 scales decoder outputs before a tied head (4.x: tie_word_embeddings; 5.x: its own flag).
+        if getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)):
+            hidden = hidden * config.d_model ** -0.5
+        logits = self.t5.lm_head(hidden)                                     # (N, V)
         smoothing = self.label_smoothing if self.training else 0.0
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               label_smoothing=smoothing)
-        return loss, (labels != -100).sum()
+        loss = F.cross_entropy(logits.float(), labels[targets], label_smoothing=smoothing)
+        return loss, targets.sum()
 
     @torch.no_grad()
     def generate(self, batch, **gen_kwargs):
@@ -1022,6 +1032,7 @@ class Trainer:
         self.state = TrainState()
         self.metrics = []
         self.tensorboard = None
+        self.best_eval = None       # (rows, loss, scores) of the best epoch, when it covered every clip
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -1035,9 +1046,6 @@ class Trainer:
         self.model.label_smoothing = args.label_smoothing
         self.model.precision = self.precision
         self.train_set, self.val_set = self.load_datasets()
-        if args.frame_attention and self.train_set.feature_dim != self.model.frame_projection.in_features:
-            self.model.frame_projection = nn.Linear(self.train_set.feature_dim,
-                                                    self.model.t5.config.d_model).to(self.device)
         train_embeddings = encode_dataset(self.model, self.train_set)
         if args.freeze_encoder:  # computed once, reused every epoch and for evaluation
             self.train_set.sentence_embeddings = train_embeddings
@@ -1090,7 +1098,7 @@ class Trainer:
         scales = {"t5": 1.0, "bridge": args.bridge_lr_scale, "encoder": args.encoder_lr_scale}
         self.optimizer = torch.optim.AdamW(
             [{"params": p, "lr": args.learning_rate * scales[g]} for g, p in groups.items() if p],
-            weight_decay=args.weight_decay)
+            weight_decay=args.weight_decay, **fused_adamw(self.device))
         batches = math.ceil(math.ceil(len(self.train_set) / self.dist.world_size) / args.batch_size)
         self.steps_per_epoch = math.ceil(batches / args.grad_accum_steps)
         self.scheduler = get_linear_schedule_with_warmup(
@@ -1169,8 +1177,8 @@ class Trainer:
             if not boundary:
                 continue
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            if not torch.isfinite(grad_norm):  # .item() sync: once per optimizer step
+            grad_norm = clip_gradients(self.model.parameters(), args.max_grad_norm)
+            if not math.isfinite(grad_norm):
                 bad_in_row += 1
                 state.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -1243,6 +1251,8 @@ class Trainer:
                   "eval_clips": len(rows), **diagnostics}
         best = self.state.best
         improved = best is None or (scores["bleu"], -loss) > (best["val_bleu"], -best["val_loss"])
+        if improved:
+            self.best_eval = (rows, loss, scores) if full else None
         if self.dist.is_main:
             self.report(epoch, record, scores, rows, diagnostics)
             if improved:
@@ -1281,7 +1291,8 @@ class Trainer:
         best_path = self.out / "best_model.pt"
         self.dist.barrier()
         load_model_state(self.model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
-        rows, loss, scores, _ = self.evaluate(full=True)
+        # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
+        rows, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
         predictions = [r[3] for r in rows]
         results = {"best_epoch": self.state.best["epoch"], "val_bleu": scores["bleu"],
                    **{f"bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
@@ -1337,6 +1348,30 @@ class Trainer:
             logger.info("TensorBoard not installed: no event files (pip install tensorboard).")
             return
         self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+
+
+def clip_gradients(parameters, max_norm):
+    """Clip the total gradient norm to max_norm; returns the norm as a float.
+
+    The .item() syncs the GPU once per optimizer step, which the non-finite check needs anyway;
+    in exchange the second pass over every gradient happens only when clipping is needed.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+    if math.isfinite(norm) and norm > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
+
+
+def fused_adamw(device):
+    """AdamW's fused kernel (one pass over all parameters) where this torch has it for the device."""
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1, device=device))], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {}
 
 
 def count_trainable(model):
@@ -1594,6 +1629,7 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
     build_tiny_t5(tokenizer, root / t5_folder, seed=seed)
     with torch.no_grad():
         cosine = mean_pairwise_cosine(encoder(probe + scale * torch.from_numpy(shared)))
+    (root / "READY").write_text(json.dumps({"encoder_cosine": cosine}))   # written last: data complete
     return {"root": root, "encoder": encoder_path, "t5": root / t5_folder, "encoder_cosine": cosine,
             "vocabulary": len(vocabulary)}
 
@@ -1775,11 +1811,16 @@ def setup_logging(log_file, is_main):
 def prepare_demo(args, given):
     """--demo: generate the data once under <output_dir>/demo_data and point the flags at it."""
     root = Path(args.output_dir) / "demo_data"
-    if not (root / "manifests" / "val.tsv").is_file():
+    ready = root / "READY"
+    if not ready.is_file() and int(os.environ.get("RANK", "0")) == 0:
         logger.info(f"Generating the demo dataset in {root} (offline, about a minute)...")
         info = make_demo_data(root)
         logger.info(f"  {info['vocabulary']} words; frozen embeddings' mean pairwise cosine "
                     f"{info['encoder_cosine']:.4f} (like the users' encoder)")
+    for _ in range(600):  # other torchrun processes wait for rank 0's data
+        if ready.is_file():
+            break
+        time.sleep(1)
     args.sonar_checkpoint = str(root / "checkpoints" / "sonar_encoder_finetuned" / "best_encoder.pt")
     for split in ("train", "val"):
         setattr(args, f"{split}_features", str(root / "features" / split))

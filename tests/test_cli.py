@@ -196,3 +196,15 @@ def test_cached_and_uncached_batches_give_the_same_loss(project_template):
         dataset.sentence_embeddings = tsw.encode_dataset(model, dataset)
         cached = model(tsw.collate_clips([dataset[i] for i in range(8)]))[0]
         assert torch.allclose(cached, uncached, atol=1e-5)
+
+
+def test_frame_attention_trains_and_predicts_from_frames(project):
+    out = project / "frames"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_attention", "--eval_batch_size", "5")) == 0
+    model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    assert model.options["frame_attention"] and model.frame_projection.in_features == 64
+    assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features",
+                     str(project / "features/val"), "--device", "cpu"]) == 0
+    predicted = dict(line.split("\t") for line in (out / "predictions.tsv").read_text().splitlines()[1:])
+    evaluated = {r.split("\t")[0]: r.split("\t")[2] for r in (out / "best_predictions.tsv").read_text().splitlines()[1:]}
+    assert predicted == evaluated                       # same frames, same decoding, no manifest needed

@@ -147,3 +147,34 @@ def test_evaluation_decoding_is_deterministic(overfit):
     second = tsw.evaluate_model(model, loader, "cpu")
     assert first[2] == second[2] and first[0] == second[0]
     assert len(first[2]) == len(dataset)
+
+
+def test_loss_equals_t5s_own_loss(project_template):
+    """Our loss (vocabulary head only on target positions) equals T5's own cross-entropy."""
+    model = tiny_model(project_template).eval()
+    dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
+                                  project_template["root"] / "features/val")
+    dataset.tokenize(model.tokenizer, 32)
+    batch = tsw.collate_clips([dataset[i] for i in range(5)])
+    assert (batch["labels"] == -100).any()              # padding present
+    ours, tokens = model(batch)
+    inputs_embeds = model.bridge_batch(batch)
+    mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long)
+    reference = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch["labels"]).loss
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert tokens == (batch["labels"] != -100).sum()
+
+
+def test_clip_gradients_matches_torch():
+    torch.manual_seed(0)
+    for scale in (0.01, 100.0):                       # below and above the limit
+        ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(5, 3) * scale
+            b.grad = a.grad.clone()
+        norm = tsw.clip_gradients(ours, 1.0)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        assert norm == pytest.approx(float(expected), rel=1e-5)
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,246 @@
+"""Training and evaluation throughput: our loop vs bare T5 vs the original per-step pipeline.
+
+    python bench/throughput.py                                  # CPU: tiny and t5-small shapes
+    python bench/throughput.py --device cuda --shapes t5-small  # GPU (bf16 autocast)
+
+Same process, same generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
+same real-English targets, same batch size:
+  ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it (cached frozen-encoder
+            embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
+            clipping, scheduler). Timed by its optimizer steps.
+  bare      T5 forward + backward + AdamW alone, on the same label batches and inputs_embeds of
+            the same shape (B, 32, d_model): the floor for any bridge-to-T5 model.
+  seed      our re-implementation of the original script's per-step work, from its description:
+            each clip file read every step, padded to 300 frames, the frozen encoder run on the
+            padded batch, targets tokenised every step with padding="max_length" (128) and pad ids
+            kept as labels, the guide's bridge, fp32. `seed_longest` is the same with targets padded
+            only to the batch's longest (in case the original did that): both are reported.
+MFU: FLOPs of one bare step (counted with torch's FlopCounterMode) x our steps/s, over a matmul peak
+measured here (fp32 on CPU, bf16 on GPU). Prints a table, then one JSON object as the last line.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import train_sonar_with_t5 as tsw  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(d_model=128, layers=2, heads=4, vocab=None, batch=32, steps=40),
+    "t5-small": dict(d_model=512, layers=6, heads=8, vocab=32128, batch=16, steps=20),
+}
+WARMUP_STEPS = 2       # steps excluded from every timing (allocator and kernel warm-up)
+SEED_FRAMES = 300
+SEED_TARGET_LENGTH = 128
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rate(step_times, batch):
+    """Samples/s over the steps after warm-up, from the wall-clock times at which steps ended."""
+    times = step_times[WARMUP_STEPS:]
+    return (len(times) - 1) * batch / (times[-1] - times[0])
+
+
+def make_data(root, shape, num_clips, feature_dim=256, seed=0):
+    rng = np.random.default_rng(seed)
+    sentences = tsw.demo_sentences(num_clips, rng)
+    (root / "features").mkdir(parents=True)
+    lines = ["id\tduration\ttext"]
+    for i, sentence in enumerate(sentences):
+        np.save(root / "features" / f"c{i:05d}.npy", rng.normal(size=(rng.integers(60, 301), feature_dim))
+                .astype(np.float32))
+        lines.append(f"c{i:05d}\t3.0\t{sentence}")
+    (root / "train.tsv").write_text("\n".join(lines) + "\n")
+    val_clips = 64 if shape["d_model"] <= 128 else 32                    # evaluation throughput
+    (root / "val.tsv").write_text("\n".join(lines[: val_clips + 1]) + "\n")
+    torch.manual_seed(seed)
+    torch.save(tsw.SonarEncoder((feature_dim, 512, 512, 1024)).state_dict(), root / "encoder.pt")
+    from transformers import T5Config, T5ForConditionalGeneration
+    tokenizer = tsw.build_tokenizer(sentences)
+    config = T5Config(vocab_size=shape["vocab"] or len(tokenizer), d_model=shape["d_model"],
+                      d_ff=4 * shape["d_model"], d_kv=shape["d_model"] // shape["heads"], num_heads=shape["heads"],
+                      num_layers=shape["layers"], num_decoder_layers=shape["layers"], pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(root / "t5")
+    tokenizer.save_pretrained(root / "t5")
+
+
+def measure_ours(root, shape, device, precision):
+    args = tsw.build_parser().parse_args([
+        "--sonar_checkpoint", str(root / "encoder.pt"), "--train_features", str(root / "features"),
+        "--train_manifest", str(root / "train.tsv"), "--val_features", str(root / "features"),
+        "--val_manifest", str(root / "val.tsv"), "--t5_model", str(root / "t5"), "--output_dir", str(root / "run"),
+        "--batch_size", str(shape["batch"]), "--epochs", "1", "--warmup_steps", "0", "--device", str(device),
+        "--precision", precision, "--eval_batch_size", "32"])
+    tsw.setup_logging(None, is_main=False)
+    trainer = tsw.Trainer(args, tsw.Distributed(device=device))
+    started = time.perf_counter()
+    trainer.setup()                                     # reads every clip once, encodes, tokenises
+    setup_s = time.perf_counter() - started
+    step_times, step = [], trainer.scheduler.step
+
+    def timed_step():
+        step()
+        sync(device)
+        step_times.append(time.perf_counter())
+
+    trainer.scheduler.step = timed_step
+    trainer.train_epoch(0)
+    ours = rate(step_times, shape["batch"])
+    sync(device)
+    started = time.perf_counter()
+    trainer.evaluate(full=True)          # default decoding: beam 4, up to 64 new tokens
+    sync(device)
+    eval_rate = len(trainer.val_set) / (time.perf_counter() - started)
+    batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.dist)
+    labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
+    return ours, eval_rate, setup_s, labels, trainer
+
+
+def measure_bare(root, shape, device, precision, labels, queries=32):
+    from transformers import T5ForConditionalGeneration
+    t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
+    optimizer = torch.optim.AdamW(t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
+    step_times, flops = [], None
+    for i, batch_labels in enumerate(labels):
+        batch_labels = batch_labels.to(device)
+        inputs_embeds = torch.randn(len(batch_labels), queries, shape["d_model"], device=device)
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+        counter = FlopCounterMode(display=False) if i == 1 else None
+        with counter or tsw.contextlib.nullcontext(), tsw.autocast_for(device, precision):
+            loss = t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch_labels).loss
+            loss.backward()
+        if counter:
+            flops = counter.get_total_flops()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        step_times.append(time.perf_counter())
+    return rate(step_times, shape["batch"]), flops
+
+
+class SeedClips(Dataset):
+    """The original data path: every item reads its file and pads it to 300 frames."""
+
+    def __init__(self, manifest, folder):
+        rows = tsw.read_manifest(manifest)
+        self.items = [(Path(folder) / f"{r.id}.npy", r.text) for r in rows]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, text = self.items[index]
+        features = torch.from_numpy(np.load(path))[:SEED_FRAMES]
+        return F.pad(features, (0, 0, 0, SEED_FRAMES - features.shape[0])), text
+
+
+def measure_seed(root, shape, device, steps, padding):
+    model = tsw.SONARwithT5(root / "encoder.pt", str(root / "t5"), device, bridge="guide",
+                            bridge_layernorm=False, standardize=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)  # as the original
+    loader = DataLoader(SeedClips(root / "train.tsv", root / "features"), batch_size=shape["batch"], shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    model.train()
+    step_times = []
+    for i, (features, texts) in enumerate(loader):
+        if i == steps:
+            break
+        features = features.to(device)
+        embedding = model.sonar_encoder(features.mean(dim=1))   # mean over all 300 frames, padding too
+        inputs_embeds = model.bridge(embedding)
+        encoded = model.tokenizer(list(texts), padding=padding, max_length=SEED_TARGET_LENGTH, truncation=True,
+                                  return_tensors="pt")
+        labels = encoded["input_ids"].to(device)               # pad ids kept as labels, as the original did
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+        loss = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        step_times.append(time.perf_counter())
+    return rate(step_times, shape["batch"])
+
+
+def matmul_peak(device):
+    """Best FLOP/s of a large matmul here: fp32 on CPU, bf16 on GPU."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        sync(device)
+        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - started))
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="tiny,t5-small", help=f"comma-separated, from {list(SHAPES)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per measurement (0: per shape)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precision = tsw.resolve_precision(args.precision, device)
+    peak = matmul_peak(device)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{platform.processor() or platform.machine()} CPU, {args.threads} threads")
+    results = {}
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        steps = args.steps or shape["steps"]
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            make_data(root, shape, shape["batch"] * (steps + WARMUP_STEPS))
+            ours, eval_rate, setup_s, labels, _ = measure_ours(root, shape, device, precision)
+            bare, flops = measure_bare(root, shape, device, precision, labels)
+            seed = measure_seed(root, shape, device, len(labels), "max_length")
+            seed_longest = measure_seed(root, shape, device, len(labels), "longest")
+        results[name] = {
+            "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / ours,
+            "seed_pipeline_samples_per_s": seed, "seed_longest_samples_per_s": seed_longest,
+            "speedup_vs_seed": ours / seed, "speedup_vs_seed_longest": ours / seed_longest,
+            "eval_sentences_per_s": eval_rate, "setup_s": setup_s,
+            "mfu": flops * ours / shape["batch"] / peak, "flops_per_step": flops, "batch_size": shape["batch"],
+            "timed_steps": len(labels) - WARMUP_STEPS, "precision": precision}
+    print(f"\nmachine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; precision {precision}")
+    print("| shape | ours samples/s | bare T5 samples/s | overhead | seed samples/s (max_length / longest) "
+          "| ours vs seed | eval sentences/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['train_samples_per_s']:.1f} | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} | "
+              f"{r['seed_pipeline_samples_per_s']:.1f} / {r['seed_longest_samples_per_s']:.1f} | "
+              f"{r['speedup_vs_seed']:.2f}x / {r['speedup_vs_seed_longest']:.2f}x | "
+              f"{r['eval_sentences_per_s']:.1f} | {r['mfu']:.1%} |")
+    primary = results[list(results)[-1]]
+    print(json.dumps({**primary, "shape": list(results)[-1], "machine": machine, "peak_flops": peak,
+                      "shapes": results}))
+
+
+if __name__ == "__main__":
+    main()
