@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +207,15 @@ def test_frame_attention_trains_and_predicts_from_frames(project):
     predicted = dict(line.split("\t") for line in (out / "predictions.tsv").read_text().splitlines()[1:])
     evaluated = {r.split("\t")[0]: r.split("\t")[2] for r in (out / "best_predictions.tsv").read_text().splitlines()[1:]}
     assert predicted == evaluated                       # same frames, same decoding, no manifest needed
+
+
+def test_unfrozen_encoder_trains_at_a_lower_rate(project):
+    out = project / "unfrozen"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--no-freeze_encoder")) == 0
+    state = torch.load(out / "best_model.pt")["model_state_dict"]
+    original = torch.load(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt")["encoder_state_dict"]
+    changed = state["sonar_encoder.projection.0.weight"] - original["encoder.projection.0.weight"]
+    assert changed.abs().max() > 0                                  # the encoder learned
+    last = torch.load(out / "last.pt")["optimizer_state_dict"]["param_groups"]
+    # encoder at learning_rate x 0.1, T5 and the bridge at learning_rate (x --bridge_lr_scale 1)
+    assert sorted(group["initial_lr"] for group in last) == pytest.approx([1e-4, 1e-3, 1e-3])

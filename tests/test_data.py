@@ -1,14 +1,13 @@
 """Manifests, datasets, collation and bad-data handling."""
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import tsw
+from conftest import Payload, tsw
 
 
 def write_clips(folder, clips):
@@ -82,16 +81,6 @@ def test_zero_frames_padded_in_the_file_do_not_change_the_embedding(tmp_path, cl
     assert kept.lengths.tolist() == [300]
 
 
-class Payload:
-    """Unpickling this would create a file: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / "features"
@@ -128,13 +117,12 @@ def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
 
 
 def test_collate_pads_labels_with_minus_100(tmp_path, clips):
-    from conftest import tsw as module
     (tmp_path / "m.tsv").write_text("id\tduration\ttext\n" + "".join(
         f"clip{i}\t1.0\t{t}\n" for i, t in enumerate(TEXTS)))
-    dataset = module.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features")
-    tokenizer = module.build_tokenizer(TEXTS * 5, vocab_size=40)
+    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features")
+    tokenizer = tsw.build_tokenizer(TEXTS * 5, vocab_size=40)
     dataset.tokenize(tokenizer, 32)
-    batch = module.collate_clips([dataset[0], dataset[1]])
+    batch = tsw.collate_clips([dataset[0], dataset[1]])
     lengths = dataset.label_lengths[:2].tolist()
     assert min(lengths) < max(lengths) <= dataset.label_ids.shape[1]
     assert batch["labels"].shape == (2, max(lengths))

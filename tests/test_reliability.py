@@ -9,19 +9,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SUBPROCESS_ENV, quick_flags, tsw
+from conftest import ROOT, SUBPROCESS_ENV, Payload, quick_flags, tsw
 
 SCRIPT = str(ROOT / "train_sonar_with_t5.py")
-
-
-class Payload:
-    """Unpickling this would create a file: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 def read_epochs(path):
