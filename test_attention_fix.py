@@ -102,7 +102,7 @@ def run_checks(args):
     before = model.expander.detach().clone()
     optimizer.step()
     check("a training step runs", bool(torch.isfinite(loss)) and not torch.equal(before, model.expander.detach()),
-          f"loss {float(loss):.3f}")
+          f"loss {float(loss.detach()):.3f}")
     model.eval()
     predictions = model.generate(batch, max_new_tokens=16, num_beams=1)
     check("generation runs", len(predictions) == len(batch["text"]), repr(predictions[0])[:60])
