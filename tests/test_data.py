@@ -130,3 +130,17 @@ def test_collate_pads_labels_with_minus_100(tmp_path, clips):
     assert (batch["labels"][short, min(lengths):] == -100).all()
     assert (batch["labels"][short, :min(lengths)] >= 0).all()
     assert batch["labels"][0, lengths[0] - 1] == tokenizer.eos_token_id
+
+
+def test_pt_clips_load_as_a_tensor_or_a_features_dict(tmp_path, clips):
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    torch.save(torch.from_numpy(clips["clip0"]), folder / "clip0.pt")
+    torch.save({"features": torch.from_numpy(clips["clip1"]), "fps": 24}, folder / "clip1.pt")
+    torch.save({"something_else": torch.zeros(3, 8)}, folder / "clip2.pt")
+    (tmp_path / "m.tsv").write_text("id\tduration\ttext\n" + "".join(
+        f"clip{i}\t1.0\t{t}\n" for i, t in enumerate(TEXTS)))
+    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", folder)
+    assert dataset.ids == ["clip0", "clip1"]
+    assert torch.allclose(dataset.clip_means[1], torch.from_numpy(clips["clip1"].mean(0)), atol=1e-6)
+    assert dict(dataset.skipped)["clip2"].startswith("unreadable feature file (expected a tensor")

@@ -129,3 +129,22 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(project, monkeypatch, ca
     assert "Non-finite loss or gradient at step 1: step skipped." in printed
     assert "Training diverged: 3 steps in a row had a non-finite loss or gradient" in printed
     assert "Traceback" not in printed
+
+
+def test_resume_mid_epoch_from_a_step_checkpoint(project):
+    out = project / "run"
+    command = [sys.executable, SCRIPT, *quick_flags(project, out, "--epochs", "2", "--batch_size", "2",
+                                                    "--save_every_steps", "3")]
+    process = subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    state = torch.load(out / "last.pt")["train_state"]
+    assert state["epoch"] == 0 and state["batch_in_epoch"] >= 3      # saved inside epoch 1
+    resumed = subprocess.run(command + ["--resume"], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"{state['batch_in_epoch']} batches into epoch 1" in resumed.stdout
+    assert read_epochs(out / "metrics.jsonl") == [1, 2]
