@@ -342,6 +342,10 @@ class How2SignDataset(Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def skip_kinds(self):
+        """Skipped rows/clips counted by kind (reasons read "kind (detail)")."""
+        return Counter(reason.split(" (")[0] for _, reason in self.skipped)
+
     def tokenize(self, tokenizer, max_target_length):
         """Tokenise every target once (not at every step)."""
         encoded = tokenizer(self.texts, max_length=max_target_length, truncation=True)
@@ -379,14 +383,13 @@ def collate_clips(items):
     return batch
 
 
-def skip_summary(dataset_or_skipped, split):
-    skipped = getattr(dataset_or_skipped, "skipped", dataset_or_skipped)
-    if not skipped:
+def skip_summary(dataset):
+    """One console line per split: how many rows/clips were skipped, why, and the first ids."""
+    if not dataset.skipped:
         return None
-    reasons = Counter(reason.split(" (")[0] for _, reason in skipped)  # "kind (detail)"
-    first = ", ".join(clip_id for clip_id, _ in skipped[:5])
-    kinds = "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-    return f"{split}: skipped {len(skipped)} rows/clips ({kinds}); first: {first}"
+    first = ", ".join(clip_id for clip_id, _ in dataset.skipped[:5])
+    kinds = "; ".join(f"{count} {kind}" for kind, count in dataset.skip_kinds().most_common())
+    return f"{dataset.split}: skipped {len(dataset.skipped)} rows/clips ({kinds}); first: {first}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +573,8 @@ class SONARwithT5(nn.Module):
             t5, tokenizer = load_t5(t5_model_name)
         self.t5, self.tokenizer = t5, tokenizer
         self.t5_model_name, self.freeze_encoder, self.options = t5_model_name, freeze_encoder, options
-        self.label_smoothing = 0.0
+        self.label_smoothing = 0.0   # applied to the training loss only
+        self.precision = "fp32"      # autocast precision for evaluation; the trainer sets it
         if freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
             self.sonar_encoder.requires_grad_(False).eval()
 
@@ -800,7 +804,7 @@ def run_evaluation(model, loader, device, gen_kwargs=None, progress=False):
             if "labels" not in batch:  # e.g. a default-collated How2SignDataset (Cell 7)
                 encoded = model.tokenizer(list(batch["text"]), padding=True, return_tensors="pt")
                 batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-            with autocast_for(device, getattr(model, "precision", "fp32")):
+            with autocast_for(device, model.precision):
                 loss, tokens = model(batch)
                 predictions = model.generate(batch, **gen_kwargs)
             loss_sum += float(loss) * int(tokens)   # .item(): syncs the GPU, once per batch
@@ -1074,7 +1078,7 @@ class Trainer:
                                       trim_zero_frames=args.trim_zero_frames,
                                       progress=self.dist.is_main)
             dataset.tokenize(self.model.tokenizer, args.max_target_length)
-            summary = skip_summary(dataset, split)
+            summary = skip_summary(dataset)
             if summary:
                 logger.warning(summary)
             logger.info(f"{split}: {len(dataset)} clips ({dataset.feature_dim}-d features, "
@@ -1159,6 +1163,7 @@ class Trainer:
         accum, bad_in_row = args.grad_accum_steps, 0
         loss_sum = torch.tensor(state.loss_sum, device=self.device)
         token_sum = torch.tensor(state.token_sum, device=self.device)
+        step_loss = step_tokens = 0   # this optimizer step's micro-batches, counted once it is kept
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", initial=state.batch_in_epoch,
                    total=len(batches), disable=not self.dist.is_main, dynamic_ncols=True)
         for i, batch in enumerate(bar, start=state.batch_in_epoch):
@@ -1172,13 +1177,14 @@ class Trainer:
                 raise UserError(f"GPU out of memory at --batch_size {args.batch_size}: lower "
                                 "--batch_size (and raise --grad_accum_steps to keep the global batch), "
                                 "--max_target_length or --num_queries") from None
-            loss_sum += loss.detach().float() * tokens
-            token_sum += tokens
+            step_loss = step_loss + loss.detach().float() * tokens
+            step_tokens = step_tokens + tokens
             if not boundary:
                 continue
             self.scaler.unscale_(self.optimizer)
             grad_norm = clip_gradients(self.model.parameters(), args.max_grad_norm)
-            if not math.isfinite(grad_norm):
+            if not math.isfinite(grad_norm):  # a skipped step leaves the weights and the loss log alone
+                step_loss = step_tokens = 0
                 bad_in_row += 1
                 state.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -1186,6 +1192,9 @@ class Trainer:
                 self.stop_if_diverged(bad_in_row)
                 continue
             bad_in_row = 0
+            loss_sum += step_loss
+            token_sum += step_tokens
+            step_loss = step_tokens = 0
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -1454,12 +1463,11 @@ def run_check(args):
             ok = False
             print(f"  ERR {error}")
             continue
-        reasons = Counter(reason.split(" (")[0] for _, reason in dataset.skipped)
         rows = len(dataset) + len(dataset.skipped)
         dims = ", ".join(f"{d}-d x{n}" for d, n in sorted(dataset.dim_counts.items()))
         print(f"  ok  {split}: {rows} manifest rows -> {len(dataset)} usable clips "
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
-        for reason, count in reasons.most_common():
+        for reason, count in dataset.skip_kinds().most_common():
             examples = list(dict.fromkeys(clip_id for clip_id, r in dataset.skipped if r.startswith(reason)))[:3]
             print(f"      {count} {reason}: {', '.join(examples)}")
     print("All checks passed: ready to train." if ok else "Fix the problems above before training.")
@@ -1481,7 +1489,7 @@ def run_predict(args):
                               split="predict", require_text=args.manifest is not None,
                               return_frames=model.options["frame_attention"],
                               trim_zero_frames=args.trim_zero_frames, progress=True)
-    summary = skip_summary(dataset, "predict")
+    summary = skip_summary(dataset)
     if summary:
         logger.warning(summary)
     order = sorted(range(len(dataset)), key=lambda i: int(dataset.lengths[i]))

@@ -110,8 +110,8 @@ def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
     assert reasons["good2"] == "empty text in manifest"
     assert reasons["shared"] == "id shared by 2 different texts"
     assert not marker.exists(), "a pickled payload in a feature file ran"
-    summary = tsw.skip_summary(dataset, "train")
-    assert summary.startswith("train: skipped 11 rows/clips") and "missing" in summary
+    summary = tsw.skip_summary(dataset)
+    assert summary.startswith("data: skipped 11 rows/clips") and "1 missing feature file" in summary
     with pytest.raises(tsw.UserError, match="--strict"):
         tsw.How2SignDataset(tmp_path / "m.tsv", folder, strict=True)
 

@@ -1,6 +1,7 @@
 """Colab disconnects, interrupted saves, bad files and malicious pickles."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -117,11 +118,25 @@ def test_bad_file_in_a_subprocess_prints_no_traceback(project):
 def test_non_finite_steps_are_skipped_then_stop_the_run(project, monkeypatch, capsys):
     forward = tsw.SONARwithT5.forward
 
-    def nan_forward(self, batch):
+    calls = []
+
+    def nan_forward(self, batch):  # every third training batch is non-finite
+        loss, tokens = forward(self, batch)
+        calls.append(1)
+        return (loss * float("nan") if self.training and len(calls) % 3 == 0 else loss), tokens
+
+    monkeypatch.setattr(tsw.SONARwithT5, "forward", nan_forward)
+    assert tsw.main(quick_flags(project, project / "some", "--epochs", "1", "--batch_size", "4")) == 0
+    metrics = tsw.read_metrics(project / "some" / "metrics.jsonl")
+    assert math.isfinite(metrics[0]["train_loss"])            # skipped steps stay out of the loss log
+    assert json.loads((project / "some" / "results.json").read_text())["skipped_steps"] == 4
+    capsys.readouterr()
+
+    def always_nan(self, batch):
         loss, tokens = forward(self, batch)
         return loss * float("nan"), tokens
 
-    monkeypatch.setattr(tsw.SONARwithT5, "forward", nan_forward)
+    monkeypatch.setattr(tsw.SONARwithT5, "forward", always_nan)
     code = tsw.main(quick_flags(project, project / "run", "--epochs", "3", "--batch_size", "4",
                                 "--max_bad_steps", "3"))
     printed = capsys.readouterr().out
