@@ -730,9 +730,10 @@ class SONARwithT5(nn.Module):
                 else None}
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """Rebuild a trained model from best_model.pt alone (+ its t5_export/ folder, if present)."""
-        checkpoint = safe_torch_load(path, "model checkpoint")
+    def from_checkpoint(cls, path, device="cpu", checkpoint=None):
+        """Rebuild a trained model from best_model.pt alone (+ its t5_export/ folder, if present).
+        `checkpoint`: the file's contents when the caller has already loaded them."""
+        checkpoint = checkpoint if checkpoint is not None else safe_torch_load(path, "model checkpoint")
         if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
             raise UserError(f"{path}: not a model checkpoint of this tool (no 'model_state_dict')")
         config = checkpoint.get("model_config")
@@ -961,6 +962,13 @@ def epoch_batches(num_items, batch_size, epoch, seed, dist_info):
     if dist_info.world_size > 1:
         order += order[: (-len(order)) % dist_info.world_size]
         order = order[dist_info.rank:: dist_info.world_size]
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def length_sorted_batches(dataset, indices, batch_size):
+    """Batches of clips of similar length (a proxy for sentence length), so generation and frame
+    padding waste little."""
+    order = sorted(indices, key=lambda i: int(dataset.lengths[i]))
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -1238,9 +1246,8 @@ class Trainer:
     def evaluate(self, full):
         """Predictions over (a fixed subset of) the validation set, split across processes."""
         indices = self.eval_indices(full)
-        # Sorted by clip length so a generation batch holds sentences of similar length.
-        mine = sorted(indices[self.dist.rank:: self.dist.world_size], key=lambda i: int(self.val_set.lengths[i]))
-        batches = [mine[i: i + self.args.eval_batch_size] for i in range(0, len(mine), self.args.eval_batch_size)]
+        batches = length_sorted_batches(self.val_set, indices[self.dist.rank:: self.dist.world_size],
+                                        self.args.eval_batch_size)
         loader = DataLoader(self.val_set, batch_sampler=batches, collate_fn=collate_clips,
                             num_workers=self.args.num_workers)
         rows, loss_sum, tokens = run_evaluation(self.model, loader, self.device, generation_kwargs(self.args),
@@ -1260,21 +1267,18 @@ class Trainer:
                   "eval_clips": len(rows), **diagnostics}
         best = self.state.best
         improved = best is None or (scores["bleu"], -loss) > (best["val_bleu"], -best["val_loss"])
-        if improved:
+        if improved:  # every process tracks the best; only the main one writes it
+            self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_loss": loss}
             self.best_eval = (rows, loss, scores) if full else None
         if self.dist.is_main:
             self.report(epoch, record, scores, rows, diagnostics)
             if improved:
-                self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_loss": loss,
-                                   "full": full}
                 atomic_torch_save(model_checkpoint(self.model, self.args, epoch=epoch + 1,
                                                    metric="val_bleu", val_bleu=scores["bleu"],
                                                    val_loss=loss), self.out / "best_model.pt")
                 if full:
                     write_predictions(self.out / "best_predictions.tsv", rows)
                 logger.info(f"  new best (BLEU {scores['bleu']:.2f}): saved {self.out / 'best_model.pt'}")
-        elif improved:
-            self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_loss": loss, "full": full}
         return record
 
     def report(self, epoch, record, scores, rows, diagnostics):
@@ -1478,9 +1482,10 @@ def run_predict(args):
     """Translate clips with a trained best_model.pt; BLEU/chrF when the manifest has references."""
     checkpoint = Path(args.checkpoint or Path(args.output_dir) / "best_model.pt")
     device = resolve_device(args.device)
-    model = SONARwithT5.from_checkpoint(checkpoint, device)
+    contents = safe_torch_load(checkpoint, "model checkpoint")
+    model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents)
     model.precision = resolve_precision(args.precision, device)
-    saved = safe_torch_load(checkpoint, "model checkpoint").get("args", {})
+    saved = contents.get("args", {})
     parser_defaults = vars(build_parser().parse_args([]))
     for name in DECODING_FLAGS:  # decode as in training unless this command says otherwise
         if getattr(args, name) == parser_defaults[name] and name in saved:
@@ -1492,8 +1497,7 @@ def run_predict(args):
     summary = skip_summary(dataset)
     if summary:
         logger.warning(summary)
-    order = sorted(range(len(dataset)), key=lambda i: int(dataset.lengths[i]))
-    batches = [order[i: i + args.eval_batch_size] for i in range(0, len(order), args.eval_batch_size)]
+    batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
     model.eval()
     gen_kwargs, predictions = generation_kwargs(args), {}
     for batch_indices in tqdm(batches, desc="translating"):
