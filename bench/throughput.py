@@ -3,7 +3,8 @@
     python bench/throughput.py                                  # CPU: tiny and t5-small shapes
     python bench/throughput.py --device cuda --shapes t5-small  # GPU (bf16 autocast)
 
-Same process, same generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
+Ours and bare are each measured twice, alternating, and keep their best rate. Same process, same
+generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
 same real-English targets, same batch size:
   ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it (cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
@@ -95,16 +96,7 @@ def measure_ours(root, shape, device, precision):
     started = time.perf_counter()
     trainer.setup()                                     # reads every clip once, encodes, tokenises
     setup_s = time.perf_counter() - started
-    step_times, step = [], trainer.scheduler.step
-
-    def timed_step():
-        step()
-        sync(device)
-        step_times.append(time.perf_counter())
-
-    trainer.scheduler.step = timed_step
-    trainer.train_epoch(0)
-    ours = rate(step_times, shape["batch"])
+    ours = time_epoch(trainer, 0, shape, device)
     sync(device)
     started = time.perf_counter()
     trainer.evaluate(full=True)          # default decoding: beam 4, up to 64 new tokens
@@ -113,6 +105,21 @@ def measure_ours(root, shape, device, precision):
     batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.dist)
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
     return ours, eval_rate, setup_s, labels, trainer
+
+
+def time_epoch(trainer, epoch, shape, device):
+    """Samples/s of one epoch of our training loop, timed at its optimizer steps."""
+    step_times, step = [], trainer.scheduler.step
+
+    def timed_step():
+        step()
+        sync(device)
+        step_times.append(time.perf_counter())
+
+    trainer.scheduler.step = timed_step
+    trainer.train_epoch(epoch)
+    trainer.scheduler.step = step
+    return rate(step_times, shape["batch"])
 
 
 def measure_bare(root, shape, device, precision, labels, queries=32):
@@ -217,8 +224,11 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * (steps + WARMUP_STEPS))
-            ours, eval_rate, setup_s, labels, _ = measure_ours(root, shape, device, precision)
+            # Ours and bare alternate twice and keep their best: the machine's speed drifts.
+            ours, eval_rate, setup_s, labels, trainer = measure_ours(root, shape, device, precision)
             bare, flops = measure_bare(root, shape, device, precision, labels)
+            ours = max(ours, time_epoch(trainer, 1, shape, device))
+            bare = max(bare, measure_bare(root, shape, device, precision, labels)[0])
             seed = measure_seed(root, shape, device, len(labels), "max_length")
             seed_longest = measure_seed(root, shape, device, len(labels), "longest")
         results[name] = {
