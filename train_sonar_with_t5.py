@@ -1079,8 +1079,7 @@ class Trainer:
     def load_datasets(self):
         args, encoder_dim = self.args, self.model.sonar_encoder.input_dim
         datasets, skipped = [], []
-        for split, manifest, features in (("train", args.train_manifest, args.train_features),
-                                          ("val", args.val_manifest, args.val_features)):
+        for split, manifest, features in data_splits(args):
             dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
                                       strict=args.strict, return_frames=args.frame_attention,
                                       trim_zero_frames=args.trim_zero_frames,
@@ -1387,6 +1386,11 @@ def fused_adamw(device):
         return {}
 
 
+def data_splits(args):
+    """(split, manifest, features folder) of the training and validation data."""
+    return (("train", args.train_manifest, args.train_features), ("val", args.val_manifest, args.val_features))
+
+
 def count_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -1454,8 +1458,7 @@ def run_check(args):
     t5 = Path(args.t5_model)
     print(f"  ok  T5 '{args.t5_model}': " + ("local folder" if t5.is_dir() else
                                             "hub name (downloaded on first use, cached afterwards)"))
-    for split, manifest, features in (("train", args.train_manifest, args.train_features),
-                                      ("val", args.val_manifest, args.val_features)):
+    for split, manifest, features in data_splits(args):
         if features and not Path(features).is_dir():
             ok = False
             print(f"  ERR {split}: features folder not found: {features}")
