@@ -343,8 +343,8 @@ class How2SignDataset(Dataset):
         return len(self.ids)
 
     def skip_kinds(self):
-        """Skipped rows/clips counted by kind (reasons read "kind (detail)")."""
-        return Counter(reason.split(" (")[0] for _, reason in self.skipped)
+        """Skipped rows/clips counted by kind."""
+        return Counter(skip_kind(reason) for _, reason in self.skipped)
 
     def tokenize(self, tokenizer, max_target_length):
         """Tokenise every target once (not at every step)."""
@@ -371,6 +371,11 @@ class How2SignDataset(Dataset):
         if self.label_ids is not None:
             item["labels"] = self.label_ids[index]
         return item
+
+
+def skip_kind(reason):
+    """Skip reasons read "kind (detail)": the kind groups them in reports."""
+    return reason.split(" (")[0]
 
 
 def collate_clips(items):
@@ -1475,7 +1480,7 @@ def run_check(args):
         print(f"  ok  {split}: {rows} manifest rows -> {len(dataset)} usable clips "
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
         for reason, count in dataset.skip_kinds().most_common():
-            examples = list(dict.fromkeys(clip_id for clip_id, r in dataset.skipped if r.startswith(reason)))[:3]
+            examples = list(dict.fromkeys(clip_id for clip_id, r in dataset.skipped if skip_kind(r) == reason))[:3]
             print(f"      {count} {reason}: {', '.join(examples)}")
     print("All checks passed: ready to train." if ok else "Fix the problems above before training.")
     return 0 if ok else 1
@@ -1577,11 +1582,12 @@ def build_tokenizer(sentences, vocab_size=600):
                                    unk_token="<unk>")
 
 
-def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0):
+def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0, vocab_size=None):
+    """A randomly initialised T5 (+ tokenizer) saved in `folder`; vocab_size defaults to the tokenizer's."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=4 * d_model, d_kv=d_model // heads,
+    config = T5Config(vocab_size=vocab_size or len(tokenizer), d_model=d_model, d_ff=4 * d_model, d_kv=d_model // heads,
                       num_heads=heads, num_layers=layers, num_decoder_layers=layers, dropout_rate=0.1,
                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     T5ForConditionalGeneration(config).save_pretrained(folder)

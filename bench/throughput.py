@@ -74,14 +74,9 @@ def make_data(root, shape, num_clips, feature_dim=256, seed=0):
     (root / "val.tsv").write_text("\n".join(lines[: val_clips + 1]) + "\n")
     torch.manual_seed(seed)
     torch.save(tsw.SonarEncoder((feature_dim, 512, 512, 1024)).state_dict(), root / "encoder.pt")
-    from transformers import T5Config, T5ForConditionalGeneration
     tokenizer = tsw.build_tokenizer(sentences)
-    config = T5Config(vocab_size=shape["vocab"] or len(tokenizer), d_model=shape["d_model"],
-                      d_ff=4 * shape["d_model"], d_kv=shape["d_model"] // shape["heads"], num_heads=shape["heads"],
-                      num_layers=shape["layers"], num_decoder_layers=shape["layers"], pad_token_id=0,
-                      eos_token_id=1, decoder_start_token_id=0)
-    T5ForConditionalGeneration(config).save_pretrained(root / "t5")
-    tokenizer.save_pretrained(root / "t5")
+    tsw.build_tiny_t5(tokenizer, root / "t5", d_model=shape["d_model"], layers=shape["layers"], heads=shape["heads"],
+                      seed=seed, vocab_size=shape["vocab"])
 
 
 def measure_ours(root, shape, device, precision):
