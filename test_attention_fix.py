@@ -17,9 +17,6 @@ import torch
 
 import train_sonar_with_t5 as tsw
 
-SPREAD_MIN = 0.01   # relative spread below which outputs count as identical
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,7 +65,7 @@ def run_checks(args):
 
     device = tsw.resolve_device(args.device)
     print(f"Building SONARwithT5 (T5 '{args.t5_model}', bridge '{args.bridge}') on {device}...")
-    model = tsw.SONARwithT5(args.sonar_checkpoint, args.t5_model, device, bridge=args.bridge,
+    model = tsw.SONARwithT5(args.sonar_checkpoint, args.t5_model, device=device, bridge=args.bridge,
                             num_queries=args.num_queries)
     batch, source, dataset = probe_batch(args, model)
     print(f"Probing with {source}.")
@@ -83,9 +80,7 @@ def run_checks(args):
         tokens = model.bridge_batch(batch).float()
     check("bridge output shape", tuple(tokens.shape) == (len(batch["text"]), args.num_queries, d_model),
           f"{tuple(tokens.shape)}, expected (B, {args.num_queries}, {d_model})")
-    rms = tokens.pow(2).mean().sqrt().clamp(min=1e-12)
-    across_clips = float(tokens.std(dim=0).mean() / rms)
-    across_positions = float(tokens.std(dim=1).mean() / rms)
+    across_clips, across_positions = tsw.bridge_spreads(tokens)   # the trainer's own diagnostics
     print(f"  (frozen embeddings' mean pairwise cosine: {tsw.mean_pairwise_cosine(embeddings):.4f})")
 
     model.train()
@@ -106,10 +101,10 @@ def run_checks(args):
     model.eval()
     predictions = model.generate(batch, max_new_tokens=16, num_beams=1)
     check("generation runs", len(predictions) == len(batch["text"]), repr(predictions[0])[:60])
-    check("bridge outputs differ across clips", across_clips > SPREAD_MIN, f"relative spread {across_clips:.4f}")
-    check("bridge outputs differ across query positions", across_positions > SPREAD_MIN,
+    check("bridge outputs differ across clips", across_clips > tsw.FLAT_SPREAD, f"relative spread {across_clips:.4f}")
+    check("bridge outputs differ across query positions", across_positions > tsw.FLAT_SPREAD,
           f"relative spread {across_positions:.4f}" + (" (attention over one key: every query gets the "
-                                                        "same vector)" if across_positions <= SPREAD_MIN else ""))
+                                                        "same vector)" if across_positions <= tsw.FLAT_SPREAD else ""))
     return all(results)
 
 

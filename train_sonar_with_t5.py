@@ -14,14 +14,15 @@ The guide's Colab Cell 5 (quick test) on your data, one GPU:
         --freeze_encoder --epochs 2 --batch_size 16 --learning_rate 5e-5 --warmup_steps 100 --device cuda
 
 Check every path and clip before training (the guide's Cell 3):   add --check
+One feature file per whole VIDEO (manifest ids shared by sentences): add --feature_fps FPS
 Resume after a Colab disconnect:                                   add --resume
 Several GPUs on one machine:     torchrun --standalone --nproc_per_node=4 train_sonar_with_t5.py <same flags>
 Translate new clips:             python train_sonar_with_t5.py --predict --checkpoint OUT/best_model.pt \
                                      --features features/test [--manifest manifests/test.tsv]
 
 Pipeline: clip features (T, D) -> mean over valid frames -> frozen encoder (projection, LayerNorm,
-L2) -> sentence embedding (1024) -> bridge (`expander` queries attend, through `attention_bridge`,
-to memory tokens projected from the standardised embedding) -> T5 via `inputs_embeds`.
+L2) -> sentence embedding (1024) -> standardised -> bridge (`expander` queries, given per-clip
+content, read memory tokens through `attention_bridge`) -> T5 via `inputs_embeds`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import json
 import logging
 import math
@@ -37,12 +39,14 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 import zipfile
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,23 +62,27 @@ logger = logging.getLogger("train_sonar_with_t5")
 # Defaults (shared by the CLI and the Python API, so a default-built model matches a default run)
 
 DEFAULT_T5 = "t5-small"
-BRIDGE_KINDS = ("memory", "guide", "prefix")
+BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
 MODEL_DEFAULTS = dict(
-    bridge="memory",        # memory tokens + residual cross-attention; "guide" = the guide's bridge
-    num_queries=32,         # the guide's `expander` length
+    bridge="prefix_memory",  # per-clip query content, refined by attention over memory tokens
+    num_queries=32,          # the guide's `expander` length
     num_heads=8,
     bridge_layers=1,
     memory_tokens=8,
-    bridge_ff_dim=0,        # 0: 4 * d_model
+    bridge_ff_dim=0,         # 0: 4 * d_model
     bridge_dropout=0.1,
-    bridge_layernorm=True,  # LayerNorm on the bridge output (the guide's troubleshooting step 3)
-    standardize=True,       # per-dimension standardisation of the frozen embedding
-    frame_attention=False,  # queries also attend to the clip's frames
+    bridge_layernorm=True,   # LayerNorm on the bridge output (the guide's troubleshooting step 3)
+    standardize=True,        # per-dimension standardisation of the frozen embedding (and frames)
+    frame_attention=False,   # queries also attend to the clip's frames
 )
-# Flags that change the model's shape or meaning: a resumed run must match them.
-ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", *MODEL_DEFAULTS)
+# Flags that change the model's shape or what its inputs mean: a resumed run must match them.
+ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", *MODEL_DEFAULTS)
+DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
+DECODING_FLAGS = ("num_beams", "max_new_tokens", "length_penalty", "repetition_penalty",
+                  "no_repeat_ngram_size", "do_sample", "temperature", "top_p")
 FEATURE_SUFFIXES = (".npy", ".pt")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2        # 1: bridge weights at the top level (before bridges became modules)
+ORIGINAL_PAD_FRAMES = 300    # the original collate padded (or cut) every clip to 300 frames
 
 
 class UserError(Exception):
@@ -83,6 +91,11 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # Safe file I/O: weights-only loading, atomic writes
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def safe_torch_load(path, what="checkpoint"):
@@ -98,19 +111,25 @@ def safe_torch_load(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds; all mean "this file is not usable"
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "Weights only load failed" in str(error) or "weights_only" in str(error):
             raise UserError(f"{path}: refused to load the {what}: it holds Python objects beyond "
                             "tensors, which could run code (weights-only loading). Re-save it as a "
                             "plain dict of tensors") from None
         raise UserError(f"{path}: cannot read the {what}: not a PyTorch checkpoint or truncated "
-                        f"({text})") from None
+                        f"({first_line(error)})") from None
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Write to a temporary file beside `path`, fsync, then rename: a kill never leaves half a file."""
+    """Write to a temporary file beside `path`, fsync, then rename: a kill never leaves half a file.
+
+    Temporary files of `path` left by a writer that was killed are removed first. A full disk is a
+    UserError that names the file; the previous version of the file is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as handle:
@@ -118,9 +137,12 @@ def atomic_write(path, write_fn, mode="wb"):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {path}: free some space (or choose another "
+                            "--output_dir) and rerun with --resume; files already written are intact") from None
         raise
 
 
@@ -130,6 +152,28 @@ def atomic_torch_save(obj, path):
 
 def atomic_write_text(path, text):
     atomic_write(path, lambda handle: handle.write(text), mode="w")
+
+
+def read_jsonl(path):
+    """Records of a JSON Lines file; a last line cut by a kill (or any broken line) is left out with
+    a warning instead of stopping the run."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning(f"{path}: line {number} is not complete JSON (cut by a kill?); left out.")
+    return records
+
+
+def clean(text):
+    """One TSV field: tabs and line breaks become spaces."""
+    return re.sub(r"[\t\r\n]+", " ", str(text))
 
 
 def load_clip_features(path):
@@ -156,6 +200,12 @@ def load_clip_features(path):
     return features
 
 
+def valid_length(features):
+    """Frames before the all-zero padding at the end of a file (features padded to 300 frames)."""
+    nonzero = features.abs().sum(dim=1) > 0
+    return int(nonzero.nonzero().max()) + 1 if nonzero.any() else 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Manifests: TSV (id / duration / text), official How2Sign CSV, JSON, JSON Lines
 
@@ -164,38 +214,80 @@ def load_clip_features(path):
 class ManifestRow:
     id: str
     text: str
-    features: str | None  # explicit feature path (JSON manifests); None: <features_dir>/<id>.npy|.pt
     line: int
+    features: str | None = None   # explicit feature path (JSON manifests); None: <features_dir>/<file>.npy|.pt
+    video: str | None = None      # the file's name when it differs from the id (How2Sign's VIDEO_NAME)
+    start: float | None = None    # seconds into the file (--feature_fps)
+    end: float | None = None
+    duration: float | None = None  # the TSV's `duration` column (in the users' files: a start second)
+
+    def file_stem(self, spans):
+        """The feature file's name: the sample's id, or with --feature_fps (`spans`) its video's."""
+        return (self.video or self.id) if spans else self.id
+
+
+def number(value):
+    """A float from a manifest field, or None when it is empty or not a number."""
+    try:
+        result = float(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def decode_lines(path):
+    """The lines of a text file: UTF-8 (a BOM from Excel is dropped, CRLF is fine); a line that is not
+    UTF-8 (Latin-1 / Windows-1252 from Excel) is read as Windows-1252 and named in a warning."""
+    lines, fallback = [], []
+    for number_, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if number_ == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(raw.decode("cp1252", errors="replace"))
+            fallback.append(number_)
+    if fallback:
+        shown = ", ".join(map(str, fallback[:5])) + (" ..." if len(fallback) > 5 else "")
+        logger.warning(f"{path}: {len(fallback)} line(s) are not UTF-8 (line {shown}); read them as "
+                       "Windows-1252 (Excel's encoding). Re-save the file as UTF-8 to be sure of their text.")
+    return lines
 
 
 def read_manifest(path):
     """Rows of a manifest, format chosen by extension and header. Raises UserError on a bad file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"manifest not found: {path}")
+        raise UserError(f"manifest not found: {path}" + (" (it is a folder: pass the manifest file)"
+                                                         if path.is_dir() else ""))
     if path.suffix in (".json", ".jsonl"):
         return _read_json_manifest(path)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = [name.strip() for name in next(reader, [])]
-        if {"SENTENCE_NAME", "SENTENCE"} <= set(header):  # official how2sign_realigned_*.csv
-            id_col, text_col = header.index("SENTENCE_NAME"), header.index("SENTENCE")
-        elif {"id", "text"} <= set(header):
-            id_col, text_col = header.index("id"), header.index("text")
-        else:
-            raise UserError(f"{path}: unknown manifest header {header[:8]}; expected a tab-separated "
-                            "header 'id<TAB>duration<TAB>text' or How2Sign's SENTENCE_NAME/SENTENCE")
-        rows = []
-        for line, fields in enumerate(reader, start=2):
-            if not any(field.strip() for field in fields):
-                continue
-            fields += [""] * (max(id_col, text_col) + 1 - len(fields))
-            rows.append(ManifestRow(fields[id_col].strip(), fields[text_col].strip(), None, line))
+    reader = csv.reader(decode_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = [name.strip() for name in next(reader, [])]
+    columns = {name: i for i, name in enumerate(header)}
+    if {"SENTENCE_NAME", "SENTENCE"} <= set(columns):  # official how2sign_realigned_*.csv
+        names = dict(id="SENTENCE_NAME", text="SENTENCE", video="VIDEO_NAME",
+                     start="START_REALIGNED" if "START_REALIGNED" in columns else "START",
+                     end="END_REALIGNED" if "END_REALIGNED" in columns else "END")
+    elif {"id", "text"} <= set(columns):
+        names = dict(id="id", text="text", video="video", start="start", end="end", duration="duration")
+    else:
+        raise UserError(f"{path}: unknown manifest header {header[:8]}; expected a tab-separated "
+                        "header 'id<TAB>duration<TAB>text' or How2Sign's SENTENCE_NAME/SENTENCE")
+    rows = []
+    for line, fields in enumerate(reader, start=2):
+        if not any(value.strip() for value in fields):
+            continue
+        value = {key: fields[columns[name]].strip() if columns.get(name, len(fields)) < len(fields) else ""
+                 for key, name in names.items()}
+        rows.append(ManifestRow(value["id"], value["text"], line, video=value["video"] or None,
+                                start=number(value["start"]), end=number(value["end"]),
+                                duration=number(value.get("duration"))))
     return rows
 
 
 def _read_json_manifest(path):
-    text = path.read_text(encoding="utf-8")
+    text = "\n".join(decode_lines(path))
     try:
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -210,38 +302,41 @@ def _read_json_manifest(path):
     rows = []
     for line, record in enumerate(records, start=1):
         feature_path = record.get("features")
-        if feature_path:
-            feature_path = str((path.parent / str(feature_path)))
-        rows.append(ManifestRow(str(record.get("id", "") or "").strip(),
-                                str(record.get("text", "") or "").strip(), feature_path, line))
+        rows.append(ManifestRow(
+            str(record.get("id", "") or "").strip(), str(record.get("text", "") or "").strip(), line,
+            features=str(path.parent / str(feature_path)) if feature_path else None,
+            video=str(record["video"]) if record.get("video") else None,
+            start=number(record.get("start")), end=number(record.get("end")),
+            duration=number(record.get("duration"))))
     return rows
 
 
 def rows_from_folder(features_dir):
     """One row per clip file, id = file name without extension (--predict without a manifest)."""
     files = sorted(f for f in Path(features_dir).iterdir() if f.suffix in FEATURE_SUFFIXES)
-    return [ManifestRow(f.stem, "", str(f), i) for i, f in enumerate(files, start=1)]
+    return [ManifestRow(f.stem, "", i, features=str(f)) for i, f in enumerate(files, start=1)]
 
 
-def screen_manifest_rows(rows, require_text=True):
+def screen_manifest_rows(rows, require_text=True, spans=False):
     """Keep usable rows; return (kept, skipped) with skipped = [(id, reason)].
 
-    Real manifests have rows with an empty id, and video-level ids shared by several sentences:
-    training on those would pair one clip with many texts, so every row of such an id is skipped.
+    Real manifests have rows with an empty id, and video-level ids shared by several sentences.
+    Without --feature_fps such a file would pair one clip with many texts, so every row of a shared
+    id is skipped; with it (`spans=True`) each row is a span of its video and stays.
     """
-    skipped, texts_by_id = [], {}
+    skipped, texts_by_id = [], defaultdict(set)
     for row in rows:
         if row.id and row.text:
-            texts_by_id.setdefault(row.id, set()).add(row.text)
+            texts_by_id[row.id].add(row.text)
     kept, seen = [], set()
     for row in rows:
         if not row.id:
             skipped.append((f"<line {row.line}>", "empty id in manifest"))
         elif not row.text and require_text:
             skipped.append((row.id, "empty text in manifest"))
-        elif len(texts_by_id.get(row.id, ())) > 1:
+        elif not spans and len(texts_by_id[row.id]) > 1:
             skipped.append((row.id, f"id shared by {len(texts_by_id[row.id])} different texts"))
-        elif row.id in seen:
+        elif not spans and row.id in seen:
             skipped.append((row.id, "duplicate manifest row"))
         else:
             seen.add(row.id)
@@ -249,35 +344,164 @@ def screen_manifest_rows(rows, require_text=True):
     return kept, skipped
 
 
-def find_feature_file(features_dir, clip_id):
+def video_level_diagnosis(rows, path):
+    """A plain explanation when most rows share their id with other sentences (a manifest of videos,
+    as the users' How2Sign TSVs are: VIDEO_NAME renamed to `id`, START to `duration`), else None."""
+    texts_by_id = defaultdict(set)
+    for row in rows:
+        if row.id and row.text:
+            texts_by_id[row.id].add(row.text)
+    shared = {i: texts for i, texts in texts_by_id.items() if len(texts) > 1}
+    shared_rows = sum(len(texts) for texts in shared.values())
+    with_id = sum(len(texts) for texts in texts_by_id.values())
+    if not with_id or shared_rows * 2 < with_id:
+        return None
+    per_video = shared_rows / len(shared)
+    text = (f"{path} lists VIDEOS, not sentences: {shared_rows} of {with_id} rows share their id with other "
+            f"sentences ({len(shared)} ids, {per_video:.1f} sentences each on average), so each id names a "
+            "whole video")
+    values = defaultdict(list)
+    for row in rows:
+        if row.id in shared and row.duration is not None:
+            values[row.id].append(row.duration)
+    if values:
+        distinct = sum(len(set(v)) == len(v) for v in values.values()) / len(values)
+        reach = float(np.median([max(v) for v in values.values()]))
+        if distinct >= 0.9 and reach > 20:   # sentences last seconds; a video's later ones start much later
+            text += (f"; its 'duration' column looks like start times (different for every sentence of a "
+                     f"video, reaching {reach:.0f} s in a typical one)")
+    return (text + f". One feature file per video cannot teach {per_video:.0f} different sentences: a model "
+            "trained on it learns their average. Two ways out: add --feature_fps FPS if the features were "
+            "extracted at a fixed rate over each whole video (each sentence is then cut from its video by its "
+            "start time), or extract per-sentence features from How2Sign's sentence clips, named by "
+            "SENTENCE_NAME from how2sign_realigned_*.csv (the only way when the extractor took a fixed number "
+            "of frames per video, e.g. 128 evenly spaced).")
+
+
+def assign_spans(rows, path):
+    """--feature_fps: set each row's video file, time span and a unique sample id, in place.
+
+    Spans come from, in this order: start/end fields (How2Sign's CSV: START_REALIGNED/END_REALIGNED
+    or START/END, file VIDEO_NAME, id SENTENCE_NAME; TSV/JSON `start`, `end`, optional `video`);
+    else the users' format (`id` = video, `duration` = start second), where a sentence ends where the
+    next one of its video starts and the last one at the end of the file. Returns how it read them.
+    """
+    rows_by_file = defaultdict(list)
+    if any(row.start is not None or row.end is not None for row in rows):
+        reading = "each row's start/end columns"
+        for row in rows:
+            rows_by_file[row.file_stem(spans=True)].append(row)
+    elif any(row.duration is not None for row in rows):
+        reading = ("the users' video-level format: 'id' names the video file, 'duration' is each sentence's "
+                   "start second; a sentence ends where the next one of its video starts, the last one at "
+                   "the end of the file")
+        for row in rows:
+            row.video, row.start = row.id, row.duration
+            rows_by_file[row.video].append(row)
+        for file_rows in rows_by_file.values():  # rows are in sentence-name order (_0, _1, _10, _2...)
+            timed = sorted((r for r in file_rows if r.start is not None), key=lambda r: r.start)
+            for row, following in zip(timed, timed[1:] + [None]):
+                row.end = following.start if following else None
+    else:
+        raise UserError(f"{path}: --feature_fps needs each sentence's time in its video: 'start'/'end' columns, "
+                        "How2Sign's START_REALIGNED/END_REALIGNED, or the start second in 'duration'")
+    for stem, file_rows in rows_by_file.items():
+        for row in file_rows:
+            row.video = stem
+            if row.id == stem:      # the id names the video: one id per sentence, from its start
+                row.id = f"{stem}@{row.start:.2f}s" if row.start is not None else f"{stem}@line{row.line}"
+    return reading
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset: every feature file read once; each clip (or each sentence's span of a video) keeps its
+# mean frame, its length and, within the frame-cache budget, its frames
+
+
+def find_feature_file(features_dir, stem):
     for suffix in FEATURE_SUFFIXES:
-        candidate = Path(features_dir) / f"{clip_id}{suffix}"
+        candidate = Path(features_dir) / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
     return None
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset
+@dataclass
+class ClipScan:
+    """One clip (or one span of a video file) as read from disk, or why it cannot be used."""
+    mean: torch.Tensor | None = None      # (D,) mean over the valid frames
+    first: int = 0                        # first frame in the file
+    length: int = 0                       # valid frames
+    dim: int = 0
+    square_mean: torch.Tensor | None = None  # (D,) mean of squares, for the frame statistics
+    residual: torch.Tensor | None = None  # (length, D) fp16 frames minus `mean`, when cached
+    error: str | None = None
 
 
-def _scan_clip(path, trim_zero_frames):
-    """Read a clip once: (mean frame, number of frames, dim) or an error string."""
+class FrameCache:
+    """Frames kept in memory (fp16, centred on each clip's mean so fp16 keeps their detail) up to a
+    budget; clips past it are read from disk again whenever their frames are needed."""
+
+    def __init__(self, budget_gb):
+        self.left = int(budget_gb * 2 ** 30)
+        self.clips = self.skipped = 0
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def keep(self, frames, mean):
+        size = frames.numel() * 2
+        with self.lock:
+            if size > self.left:
+                self.skipped += 1
+                return None
+            self.left -= size
+            self.bytes += size
+            self.clips += 1
+        return (frames - mean).to(torch.float16)
+
+
+def scan_file(path, spans, trim_zero_frames, fps=None, cache=None):
+    """Read a feature file once: one ClipScan per span ((start, end) seconds; None = the whole file)."""
+    def failed(reason):
+        return [ClipScan(error=reason) for _ in spans]
+
     if path is None or not Path(path).is_file():
-        return f"missing feature file ({path})"
+        return failed(f"missing feature file ({path})")
     try:
         features = load_clip_features(path)
     except Exception as error:  # noqa: BLE001 - any read failure is reported, never raised
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"unreadable feature file ({first[:120]})"
+        return failed(f"unreadable feature file ({first_line(error)[:120]})")
     if features.numel() and not torch.isfinite(features).all():
-        return "clip has NaN/Inf values"
-    if trim_zero_frames:  # features padded to 300 frames in the file: padding must not enter the mean
-        nonzero = features.abs().sum(dim=1) > 0
-        features = features[: int(nonzero.nonzero().max()) + 1] if nonzero.any() else features[:0]
-    if features.shape[0] == 0 or features.shape[1] == 0:
-        return "empty clip (no frames)"
-    return features.double().mean(dim=0).float(), features.shape[0], features.shape[1]
+        return failed("clip has NaN/Inf values")
+    total = valid_length(features) if trim_zero_frames else features.shape[0]
+    if total == 0 or features.shape[1] == 0:
+        return failed("empty clip (no frames)")
+    scans = []
+    for span in spans:
+        first, stop = 0, total
+        if span is not None:
+            start, end = span
+            if start is None:
+                scans.append(ClipScan(error="no start time in manifest"))
+                continue
+            if end is not None and end < start:
+                scans.append(ClipScan(error=f"reversed span (start {start:.2f} s, end {end:.2f} s)"))
+                continue
+            first = round(start * fps)
+            stop = total if end is None else min(round(end * fps), total)
+            if first >= total:
+                scans.append(ClipScan(error=f"span past the end of the file (starts at {start:.2f} s; the file "
+                                            f"holds {total / fps:.2f} s at {fps:g} features/s)"))
+                continue
+            if stop <= first:
+                scans.append(ClipScan(error=f"empty span ({start:.2f}-{end:.2f} s holds no frame at "
+                                            f"{fps:g} features/s)"))
+                continue
+        frames = features[first:stop].double()
+        mean = frames.mean(dim=0).float()
+        scans.append(ClipScan(mean, first, stop - first, features.shape[1], frames.pow(2).mean(dim=0).float(),
+                              cache.keep(features[first:stop], mean) if cache else None))
+    return scans
 
 
 class How2SignDataset(Dataset):
@@ -285,59 +509,112 @@ class How2SignDataset(Dataset):
 
     How2SignDataset("data/How2Sign_val.json")                   # JSON / JSONL with feature paths
     How2SignDataset("manifests/val.tsv", "features/val")       # TSV or How2Sign CSV + folder
+    How2SignDataset("features/val", "manifests/val.tsv")       # the original module's order
+    How2SignDataset("manifests/val.tsv", "videos/val", feature_fps=24)   # one file per whole video
 
-    Every clip file is read once here: each usable clip keeps its mean frame (the encoder's first
+    Every feature file is read once here: each usable clip keeps its mean frame (the encoder's first
     step is a mean over time, so this is all it needs) and its length, never all its frames, so 31k
-    clips fit in memory. Problem rows and clips are skipped and listed in `self.skipped`.
-    Items are fixed-size, so PyTorch's default collate batches them.
+    clips fit in memory. With `return_frames`, frames are kept too, as fp16, up to `frame_cache_gb`;
+    the rest are read again when needed. With `feature_fps`, files hold whole videos and every
+    manifest row is its own sample: its span of the video. Problem rows and clips are skipped and
+    listed in `self.skipped`. Items are fixed-size, so PyTorch's default collate batches them.
     """
 
-    def __init__(self, manifest, features_dir=None, *, feature_dim=None, split="data", strict=False,
-                 return_frames=False, trim_zero_frames=True, require_text=True, io_threads=8,
-                 progress=False):
+    def __init__(self, manifest, features_dir=None, max_samples=None, *, feature_dim=None, split="data",
+                 strict=False, return_frames=None, trim_zero_frames=True, require_text=True,
+                 feature_fps=None, frame_cache_gb=4.0, io_threads=8, progress=False):
+        if manifest is not None and Path(manifest).is_dir() and (features_dir is None or Path(features_dir).is_file()):
+            manifest, features_dir = features_dir, manifest   # the original (features_dir, manifest_path)
+            return_frames = True if return_frames is None else return_frames  # its items held frames
+        if features_dir is not None and Path(features_dir).is_file():
+            raise UserError(f"{features_dir} is a file, not a folder of clips: pass the folder that holds "
+                            "<id>.npy / <id>.pt files")
         self.manifest, self.split = str(manifest or features_dir), split
-        self.return_frames, self.trim_zero_frames = return_frames, trim_zero_frames
+        self.return_frames, self.trim_zero_frames = bool(return_frames), trim_zero_frames
+        self.feature_fps = feature_fps
         rows = read_manifest(manifest) if manifest is not None else rows_from_folder(features_dir)
-        kept, self.skipped = screen_manifest_rows(rows, require_text)
-        paths = []
+        self.diagnosis = None if feature_fps else video_level_diagnosis(rows, manifest)
+        kept, self.skipped = screen_manifest_rows(rows, require_text, spans=bool(feature_fps))
+        self.span_reading = assign_spans(kept, manifest) if feature_fps else None
+        kept = self._unique(kept)
+        if max_samples:
+            kept = kept[:max_samples]
+        files = defaultdict(list)            # feature file -> its rows, so each file is read once
         for row in kept:
             if row.features:
-                paths.append(row.features)
+                path = row.features
             elif features_dir is None:
                 raise UserError(f"{manifest}: rows have no 'features' path; pass the features folder")
             else:
-                found = find_feature_file(features_dir, row.id)
-                paths.append(str(found) if found else str(Path(features_dir) / f"{row.id}.npy|.pt"))
+                stem = row.file_stem(spans=bool(feature_fps))
+                found = find_feature_file(features_dir, stem)
+                path = str(found) if found else str(Path(features_dir) / f"{stem}.npy|.pt")
+            files[path].append(row)
+        cache = FrameCache(frame_cache_gb) if self.return_frames else None
+
+        def read(item):
+            path, file_rows = item
+            spans = [(row.start, row.end) if feature_fps else None for row in file_rows]
+            return scan_file(path, spans, trim_zero_frames, feature_fps, cache)
+
         with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:  # I/O bound (Google Drive)
-            scans = list(tqdm(pool.map(lambda p: _scan_clip(p, trim_zero_frames), paths),
-                              total=len(paths), desc=f"reading {split} clips", disable=not progress,
-                              leave=False))
-        self.dim_counts = Counter(scan[2] for scan in scans if not isinstance(scan, str))
+            scanned = list(tqdm(pool.map(read, files.items()), total=len(files), desc=f"reading {split} files",
+                                disable=not progress, leave=False))
+        results = [(row, path, scan) for (path, file_rows), scans in zip(files.items(), scanned)
+                   for row, scan in zip(file_rows, scans)]
+        results.sort(key=lambda item: item[0].line)           # manifest order
+        self.dim_counts = Counter(scan.dim for _, _, scan in results if not scan.error)
         self.feature_dim = feature_dim or (self.dim_counts.most_common(1)[0][0] if self.dim_counts else None)
-        self.ids, self.texts, self.paths, means, lengths = [], [], [], [], []
-        for row, path, scan in zip(kept, paths, scans):
-            if not isinstance(scan, str) and scan[2] != self.feature_dim:
-                scan = f"wrong feature dimension ({scan[2]}, expected {self.feature_dim})"
-            if isinstance(scan, str):
-                self.skipped.append((row.id, scan))
+        self.ids, self.texts, self.paths, self.first_frames, self.residuals = [], [], [], [], []
+        means, lengths = [], []
+        frame_sum = frame_square_sum = 0
+        for row, path, scan in results:
+            if not scan.error and scan.dim != self.feature_dim:
+                scan.error = f"wrong feature dimension ({scan.dim}, expected {self.feature_dim})"
+            if scan.error:
+                self.skipped.append((row.id, scan.error))
                 continue
             self.ids.append(row.id)
             self.texts.append(row.text)
             self.paths.append(path)
-            means.append(scan[0])
-            lengths.append(scan[1])
+            self.first_frames.append(scan.first)
+            self.residuals.append(scan.residual)
+            means.append(scan.mean)
+            lengths.append(scan.length)
+            frame_sum = frame_sum + scan.mean.double() * scan.length
+            frame_square_sum = frame_square_sum + scan.square_mean.double() * scan.length
+        if feature_dim and self.dim_counts and feature_dim not in self.dim_counts:
+            dims = "/".join(str(d) for d in sorted(self.dim_counts))
+            raise UserError(f"{split}: the clips are {dims}-d but {feature_dim}-d features are expected (the "
+                            "encoder's input): use the features the model was trained on")
         if strict and self.skipped:
             clip_id, reason = self.skipped[0]
             raise UserError(f"{split}: {len(self.skipped)} unusable rows/clips (--strict), first: "
                             f"{clip_id}: {reason}")
         if not self.ids:
-            raise UserError(f"{split}: no usable clips in {manifest} "
-                            f"({len(self.skipped)} skipped; run with --check to see why)")
+            raise UserError(f"{split}: no usable clips in {manifest or features_dir} ({len(self.skipped)} skipped"
+                            + (f"; {self.skip_summary_kinds()}" if self.skipped else "")
+                            + (f". {self.diagnosis}" if self.diagnosis else "; run with --check to see why") + ")")
         self.clip_means = torch.stack(means)                      # (N, D)
         self.lengths = torch.tensor(lengths, dtype=torch.long)    # (N,)
         self.max_frames = int(self.lengths.max())
+        frames = float(self.lengths.sum())
+        self.frame_mean = (frame_sum / frames).float()            # (D,) over every valid frame
+        self.frame_std = (frame_square_sum / frames - (frame_sum / frames) ** 2).clamp(min=0).sqrt().float()
+        self.cache = cache
         self.label_ids = None               # filled by tokenize()
         self.sentence_embeddings = None     # filled by the frozen-encoder cache
+
+    def _unique(self, rows):
+        """Rows whose sample id is new; a repeated id (the same span twice) is skipped and listed."""
+        seen, unique = set(), []
+        for row in rows:
+            if row.id in seen:
+                self.skipped.append((row.id, "duplicate manifest row"))
+            else:
+                seen.add(row.id)
+                unique.append(row)
+        return unique
 
     def __len__(self):
         return len(self.ids)
@@ -345,6 +622,9 @@ class How2SignDataset(Dataset):
     def skip_kinds(self):
         """Skipped rows/clips counted by kind."""
         return Counter(skip_kind(reason) for _, reason in self.skipped)
+
+    def skip_summary_kinds(self):
+        return "; ".join(f"{count} {kind}" for kind, count in self.skip_kinds().most_common())
 
     def tokenize(self, tokenizer, max_target_length):
         """Tokenise every target once (not at every step)."""
@@ -355,8 +635,20 @@ class How2SignDataset(Dataset):
             self.label_ids[row, : len(ids)] = torch.tensor(ids)
 
     def frames(self, index):
-        features = load_clip_features(self.paths[index])[: int(self.lengths[index])]
-        return features
+        """(length, D) float32 frames of one sample: from the cache, else read from its file again."""
+        if self.residuals[index] is not None:
+            return self.residuals[index].float() + self.clip_means[index]
+        first, length = self.first_frames[index], int(self.lengths[index])
+        try:
+            frames = load_clip_features(self.paths[index])[first: first + length]
+        except Exception as error:  # noqa: BLE001 - the file was readable at start-up
+            raise UserError(f"{self.paths[index]}: could not read this clip again ({first_line(error)[:120]}); "
+                            "was the file changed or the Drive disconnected? Rerun with --resume, or give "
+                            "--frame_cache_gb enough memory to keep every clip's frames") from None
+        if frames.shape[0] != length:
+            raise UserError(f"{self.paths[index]}: the file changed during training (now {frames.shape[0]} frames "
+                            f"from frame {first}, was {length}); rerun with --resume")
+        return frames
 
     def __getitem__(self, index):
         item = {"index": index, "id": self.ids[index], "text": self.texts[index],
@@ -367,7 +659,7 @@ class How2SignDataset(Dataset):
         # collate_clips trims them back to the batch's longest.
         if self.return_frames:
             frames = self.frames(index)
-            item["frames"] = F.pad(frames, (0, 0, 0, self.max_frames - frames.shape[0]))
+            item["features"] = F.pad(frames, (0, 0, 0, self.max_frames - frames.shape[0]))
         if self.label_ids is not None:
             item["labels"] = self.label_ids[index]
         return item
@@ -383,9 +675,19 @@ def collate_clips(items):
     batch = default_collate(items)
     if "labels" in batch:
         batch["labels"] = batch["labels"][:, : int((batch["labels"] != -100).sum(dim=1).max())].contiguous()
-    if "frames" in batch:
-        batch["frames"] = batch["frames"][:, : int(batch["length"].max())].contiguous()
+    if "features" in batch:
+        batch["features"] = batch["features"][:, : int(batch["length"].max())].contiguous()
     return batch
+
+
+def collate_fn(items):
+    """The original module's collate: {"video_ids", "features" (B, 300, D) zero-padded or cut, "texts"}.
+    Needs items with frames (How2SignDataset(features_dir, manifest) or return_frames=True)."""
+    if "features" not in items[0]:
+        raise UserError("collate_fn needs each clip's frames: build the dataset with return_frames=True")
+    frames = [item["features"][: int(item["length"])][:ORIGINAL_PAD_FRAMES] for item in items]
+    return {"video_ids": [item["id"] for item in items], "texts": [item["text"] for item in items],
+            "features": torch.stack([F.pad(f, (0, 0, 0, ORIGINAL_PAD_FRAMES - f.shape[0])) for f in frames])}
 
 
 def skip_summary(dataset):
@@ -393,8 +695,8 @@ def skip_summary(dataset):
     if not dataset.skipped:
         return None
     first = ", ".join(clip_id for clip_id, _ in dataset.skipped[:5])
-    kinds = "; ".join(f"{count} {kind}" for kind, count in dataset.skip_kinds().most_common())
-    return f"{dataset.split}: skipped {len(dataset.skipped)} rows/clips ({kinds}); first: {first}"
+    return (f"{dataset.split}: skipped {len(dataset.skipped)} rows/clips ({dataset.skip_summary_kinds()}); "
+            f"first: {first}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +752,7 @@ def encoder_state_from_checkpoint(obj, path):
     prefix = anchors[0][: -len("projection.0.weight")]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     linear = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"projection\.(\d+)\.weight", k)))
-    if [i for i in linear] != list(range(0, 3 * len(linear), 3)):
+    if linear != list(range(0, 3 * len(linear), 3)):
         raise UserError(f"{path}: unexpected projection layout (linear layers at {linear}; expected "
                         "Linear, ReLU, Dropout repeated)")
     dims = [state[f"projection.{linear[0]}.weight"].shape[1]]
@@ -474,7 +776,9 @@ def load_sonar_encoder(path, dropout=0.1):
 
 
 # ----------------------------------------------------------------------------------------------
-# The bridge: learnable queries (`expander`) read the sentence embedding through cross-attention
+# Bridges: the standardised sentence embedding (and, optionally, the frames) -> T5 input embeddings.
+# Every kind keeps the guide's `expander` (the learnable queries); kinds with attention expose the
+# guide's `attention_bridge` (their first nn.MultiheadAttention).
 
 
 def sinusoidal_positions(length, dim, device):
@@ -514,8 +818,159 @@ class BridgeBlock(nn.Module):
         return queries + self.dropout(self.feed_forward(self.ff_norm(queries)))
 
 
+class FrameEncoder(nn.Module):
+    """Frames standardised per dimension with training-set statistics, projected, with positions."""
+
+    def __init__(self, frame_dim, d_model):
+        super().__init__()
+        self.register_buffer("frame_mean", torch.zeros(frame_dim))
+        self.register_buffer("frame_std", torch.ones(frame_dim))
+        self.frame_projection = nn.Linear(frame_dim, d_model)
+        self.frame_norm = nn.LayerNorm(d_model)
+
+    def forward(self, frames, lengths):          # (B, T, D), (B,) -> (B, T, d), padding mask (B, T)
+        frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
+        tokens = self.frame_projection(frames)
+        tokens = self.frame_norm(tokens + sinusoidal_positions(frames.shape[1], tokens.shape[-1], tokens.device))
+        padding = torch.arange(frames.shape[1], device=tokens.device)[None] >= lengths.to(tokens.device)[:, None]
+        return tokens, padding
+
+
+class Bridge(nn.Module):
+    """What every bridge shares: input standardisation, the `expander` queries, the output scale."""
+
+    uses_attention = True
+
+    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
+        super().__init__()
+        self.standardize = options["standardize"]
+        self.register_buffer("embedding_mean", torch.zeros(embed_dim))
+        self.register_buffer("embedding_std", torch.ones(embed_dim))
+        self.expander = nn.Parameter(torch.randn(options["num_queries"], d_model))   # the learnable queries
+        self.ff_dim = options["bridge_ff_dim"] or 4 * d_model
+        self.frame_encoder = FrameEncoder(frame_dim, d_model) if options["frame_attention"] else None
+        self.output_norm = nn.LayerNorm(d_model) if options["bridge_layernorm"] else nn.Identity()
+        # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
+        # drowned by its layers' outputs, so the output scale starts at T5's own embedding scale.
+        self.output_scale = nn.Parameter(torch.tensor(output_scale if options["bridge_layernorm"] else 1.0))
+
+    def make_blocks(self, d_model, options, guide=False):
+        return nn.ModuleList(BridgeBlock(d_model, options["num_heads"], self.ff_dim, options["bridge_dropout"],
+                                         guide=guide) for _ in range(options["bridge_layers"]))
+
+    @property
+    def attention_bridge(self):
+        return self.blocks[0].attention if self.uses_attention else None
+
+    @torch.no_grad()
+    def fit_standardizer(self, embeddings, frame_mean=None, frame_std=None):
+        """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints)."""
+        embeddings = embeddings.float().to(self.embedding_mean.device)
+        self.embedding_mean.copy_(embeddings.mean(dim=0))
+        self.embedding_std.copy_(embeddings.std(dim=0, unbiased=False).clamp(min=1e-6)
+                                 if len(embeddings) > 1 else torch.ones_like(self.embedding_std))
+        if self.frame_encoder is not None and frame_mean is not None:
+            self.frame_encoder.frame_mean.copy_(frame_mean)
+            self.frame_encoder.frame_std.copy_(frame_std.clamp(min=1e-6))
+
+    def forward(self, sentence_embedding, frames=None, lengths=None):   # (B, E) [+ (B, T, D)] -> (B, Q, d)
+        embedding = sentence_embedding.to(self.expander.dtype)
+        if self.standardize:
+            # Clips' embeddings share most of their direction (cosine ~0.99); standardising per
+            # dimension makes the small per-clip differences the signal.
+            embedding = (embedding - self.embedding_mean) / self.embedding_std
+        frame_tokens = padding = None
+        if self.frame_encoder is not None:
+            if frames is None:
+                raise UserError("this model attends to frames (--frame_attention): its dataset must be "
+                                "built with return_frames=True")
+            frame_tokens, padding = self.frame_encoder(frames, lengths)
+        return self.output_norm(self.tokens(embedding, frame_tokens, padding)) * self.output_scale
+
+    def attend(self, queries, memory, frame_tokens, frame_padding):
+        """Queries read the memory tokens (and the frames, when given) through the bridge blocks."""
+        padding = None
+        if frame_tokens is not None:
+            memory = torch.cat([memory, frame_tokens], dim=1)                         # (B, M + T, d)
+            padding = F.pad(frame_padding, (memory.shape[1] - frame_tokens.shape[1], 0), value=False)
+        for block in self.blocks:
+            queries = block(queries, memory, padding)
+        return queries
+
+
+class MemoryBridge(Bridge):
+    """`expander` queries attend to `memory_tokens` tokens projected from the embedding."""
+
+    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
+        super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
+        memory_tokens = options["memory_tokens"]
+        self.memory_projection = nn.Linear(embed_dim, memory_tokens * d_model)
+        self.memory_positions = nn.Parameter(torch.randn(memory_tokens, d_model) * 0.02)
+        self.memory_norm = nn.LayerNorm(d_model)
+        self.blocks = self.make_blocks(d_model, options)
+
+    def memory(self, embedding):                                                    # (B, E) -> (B, M, d)
+        memory = self.memory_projection(embedding).view(len(embedding), -1, self.expander.shape[1])
+        return self.memory_norm(memory + self.memory_positions)
+
+    def tokens(self, embedding, frame_tokens, frame_padding):
+        queries = self.expander.expand(len(embedding), -1, -1)                     # (B, Q, d)
+        return self.attend(queries, self.memory(embedding), frame_tokens, frame_padding)
+
+
+class PrefixMemoryBridge(MemoryBridge):
+    """The default. Each query gets its own content from the embedding (a prefix MLP, as --bridge
+    prefix), then refines it by attending to the memory tokens (and frames) through the blocks."""
+
+    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
+        super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
+        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, self.ff_dim), nn.GELU(),
+                                        nn.Dropout(options["bridge_dropout"]),
+                                        nn.Linear(self.ff_dim, self.expander.numel()))
+
+    def tokens(self, embedding, frame_tokens, frame_padding):
+        queries = self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
+        return self.attend(queries, self.memory(embedding), frame_tokens, frame_padding)
+
+
+class PrefixBridge(Bridge):
+    """No attention: an MLP maps the embedding to one token per query, added to `expander`."""
+
+    uses_attention = False
+
+    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
+        super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
+        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, self.ff_dim), nn.GELU(),
+                                        nn.Dropout(options["bridge_dropout"]),
+                                        nn.Linear(self.ff_dim, self.expander.numel()))
+
+    def tokens(self, embedding, frame_tokens, frame_padding):
+        return self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
+
+
+class GuideBridge(Bridge):
+    """The guide's bridge: `expander` queries attend to ONE projected token. With one key, softmax
+    gives every query weight 1, so all query positions carry the same vector. Not standardised."""
+
+    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
+        super().__init__(embed_dim, d_model, {**options, "standardize": False}, frame_dim, output_scale)
+        self.memory_projection = nn.Linear(embed_dim, d_model)                     # one key/value token
+        self.blocks = self.make_blocks(d_model, options, guide=True)
+
+    def tokens(self, embedding, frame_tokens, frame_padding):
+        queries = self.expander.expand(len(embedding), -1, -1)
+        return self.attend(queries, self.memory_projection(embedding).unsqueeze(1), frame_tokens, frame_padding)
+
+
+BRIDGES = {"prefix_memory": PrefixMemoryBridge, "memory": MemoryBridge, "prefix": PrefixBridge,
+           "guide": GuideBridge}
+
+
 # ----------------------------------------------------------------------------------------------
-# T5 and its tokenizer
+# T5 and its tokenizer. T5 v1.1 / flan-t5 have an output head (lm_head) of their own; t5-small ties
+# it to the input embedding and scales the decoder output. transformers 5.x always builds the two
+# tied from a config and records the difference in `scale_decoder_outputs`; 4.x reads
+# `tie_word_embeddings`. The helpers below keep an untied model untied under both.
 
 
 def load_t5(name_or_path):
@@ -526,15 +981,49 @@ def load_t5(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         t5 = T5ForConditionalGeneration.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load T5 '{name_or_path}': {str(error).strip().splitlines()[0]} "
+        raise UserError(f"cannot load T5 '{name_or_path}': {first_line(error)} "
                         "(offline? pass a local folder saved with save_pretrained)") from None
     return t5, tokenizer
 
 
-def t5_from_config(config_dict):
+def config_is_untied(config_dict):
+    return config_dict.get("tie_word_embeddings") is False or config_dict.get("scale_decoder_outputs") is False
+
+
+def is_untied(t5):
+    return t5.lm_head.weight is not t5.get_input_embeddings().weight
+
+
+def scales_decoder_output(config):
+    """Whether T5 multiplies the decoder output by d_model ** -0.5 before the head (tied models)."""
+    return bool(getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)))
+
+
+def portable_t5_config(t5):
+    """T5's config as a dict that 4.x and 5.x both read the same way (untied stays untied)."""
+    config = json.loads(t5.config.to_json_string())
+    if is_untied(t5):
+        config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
+    return config
+
+
+def t5_from_config(config_dict, untied=None):
+    """A T5 built from a saved config, with a separate output head when the model had one."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration(T5Config.from_dict(config_dict))
+    untied = config_is_untied(config_dict) if untied is None else untied
+    config = {k: v for k, v in config_dict.items() if k != "scale_decoder_outputs"}
+    t5 = T5ForConditionalGeneration(T5Config.from_dict({**config, "tie_word_embeddings": not untied}))
+    if untied and not is_untied(t5):   # 5.x ties whatever the config says
+        t5.lm_head.weight = nn.Parameter(t5.get_input_embeddings().weight.detach().clone())
+    return t5
+
+
+def save_t5_export(t5, tokenizer, folder, weights):
+    """Tokenizer + config (+ weights) loadable with from_pretrained under 4.x and 5.x."""
+    tokenizer.save_pretrained(folder)
+    (t5.save_pretrained if weights else t5.config.save_pretrained)(folder)
+    atomic_write_text(Path(folder) / "config.json", json.dumps(portable_t5_config(t5), indent=2) + "\n")
 
 
 def embedding_scale(t5):
@@ -549,24 +1038,27 @@ def embedding_scale(t5):
 class SONARwithT5(nn.Module):
     """Frozen sentence encoder -> bridge -> T5 (through `inputs_embeds`).
 
-    Bridges (--bridge):
-      memory  (default) the embedding is standardised with training-set statistics and projected
-              into `memory_tokens` distinct key/value tokens; `expander` queries read them through
-              `attention_bridge` inside residual pre-norm blocks with a feed-forward.
-      guide   the guide's bridge: `expander` queries attend to ONE projected token. With one key,
-              softmax gives every query weight 1, so all query positions carry the same vector.
-      prefix  no attention: an MLP maps the embedding to num_queries tokens added to `expander`.
+    SONARwithT5(sonar_checkpoint, t5_model_name="t5-small", freeze_encoder=True, device="cuda") as in
+    the original module; bridge options as keywords (MODEL_DEFAULTS). Bridges (--bridge):
+      prefix_memory (default) each `expander` query gets per-clip content from the standardised
+                    embedding, then reads `memory_tokens` memory tokens through `attention_bridge`
+      memory        `expander` queries read the memory tokens (content from attention only)
+      prefix        an MLP prefix, no attention
+      guide         the guide's bridge: attention over ONE key, so every query gets the same vector
+
+    Calls:  model(batch) -> (loss, target tokens)            the trainer's batch dicts
+            model(features, target_texts) -> loss              the original API: (B, T, D) zero-padded
+            model(features, max_length=50) -> [sentence, ...]
     """
 
-    def __init__(self, sonar_checkpoint=None, t5_model_name=DEFAULT_T5, device="cpu", *,
-                 freeze_encoder=True, t5=None, tokenizer=None, encoder_dims=None, feature_dim=None,
-                 **bridge_options):
+    def __init__(self, sonar_checkpoint=None, t5_model_name=DEFAULT_T5, freeze_encoder=True, device="cuda", *,
+                 t5=None, tokenizer=None, encoder_dims=None, feature_dim=None, **bridge_options):
         super().__init__()
         unknown = set(bridge_options) - set(MODEL_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown SONARwithT5 options: {sorted(unknown)}")
         options = {**MODEL_DEFAULTS, **bridge_options}
-        if options["bridge"] not in BRIDGE_KINDS:
+        if options["bridge"] not in BRIDGES:
             raise UserError(f"unknown bridge '{options['bridge']}' (choose from {BRIDGE_KINDS})")
         if sonar_checkpoint is not None:
             self.sonar_encoder = load_sonar_encoder(sonar_checkpoint)
@@ -578,47 +1070,20 @@ class SONARwithT5(nn.Module):
             t5, tokenizer = load_t5(t5_model_name)
         self.t5, self.tokenizer = t5, tokenizer
         self.t5_model_name, self.freeze_encoder, self.options = t5_model_name, freeze_encoder, options
-        self.label_smoothing = 0.0   # applied to the training loss only
-        self.precision = "fp32"      # autocast precision for evaluation; the trainer sets it
         if freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
             self.sonar_encoder.requires_grad_(False).eval()
-
-        d_model, embed_dim = t5.config.d_model, self.sonar_encoder.output_dim
-        queries, kind = options["num_queries"], options["bridge"]
-        ff_dim = options["bridge_ff_dim"] or 4 * d_model
-        dropout = options["bridge_dropout"]
-        self.register_buffer("embedding_mean", torch.zeros(embed_dim))
-        self.register_buffer("embedding_std", torch.ones(embed_dim))
-        self.expander = nn.Parameter(torch.randn(queries, d_model))          # the learnable queries
-        if kind == "memory":
-            memory_tokens = options["memory_tokens"]
-            self.memory_projection = nn.Linear(embed_dim, memory_tokens * d_model)
-            self.memory_positions = nn.Parameter(torch.randn(memory_tokens, d_model) * 0.02)
-            self.memory_norm = nn.LayerNorm(d_model)
-        elif kind == "guide":
-            self.memory_projection = nn.Linear(embed_dim, d_model)            # one key/value token
-        else:
-            self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, ff_dim), nn.GELU(), nn.Dropout(dropout),
-                                            nn.Linear(ff_dim, queries * d_model))
-        if options["frame_attention"]:
-            frame_dim = feature_dim or self.sonar_encoder.input_dim
-            self.frame_projection = nn.Linear(frame_dim, d_model)
-            self.frame_norm = nn.LayerNorm(d_model)
-        if kind != "prefix":
-            self.bridge_blocks = nn.ModuleList(
-                BridgeBlock(d_model, options["num_heads"], ff_dim, dropout, guide=kind == "guide")
-                for _ in range(options["bridge_layers"]))
-        self.output_norm = nn.LayerNorm(d_model) if options["bridge_layernorm"] else nn.Identity()
-        # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
-        # drowned by its layers' outputs, so the output scale starts at T5's own embedding scale.
-        scale = embedding_scale(t5) if options["bridge_layernorm"] else 1.0
-        self.output_scale = nn.Parameter(torch.tensor(scale))
+        self.bridge = BRIDGES[options["bridge"]](self.sonar_encoder.output_dim, t5.config.d_model, options,
+                                                 feature_dim or self.sonar_encoder.input_dim, embedding_scale(t5))
         self.to(resolve_device(device) if isinstance(device, str) else device)
 
-    # The guide's name for the cross-attention (the first block's).
+    # The guide's names.
+    @property
+    def expander(self):
+        return self.bridge.expander
+
     @property
     def attention_bridge(self):
-        return self.bridge_blocks[0].attention if hasattr(self, "bridge_blocks") else None
+        return self.bridge.attention_bridge
 
     @property
     def device(self):
@@ -630,6 +1095,10 @@ class SONARwithT5(nn.Module):
             self.sonar_encoder.eval()
         return self
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's, after renaming the keys of checkpoints saved before bridges were modules."""
+        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict, assign=assign)
+
     # -- encoder and bridge --------------------------------------------------------------------
 
     def sentence_embedding(self, batch):
@@ -639,185 +1108,192 @@ class SONARwithT5(nn.Module):
         if "clip_mean" in batch:
             clip_mean = batch["clip_mean"].to(self.device)
         else:
-            clip_mean = masked_mean(batch["frames"].to(self.device), batch["length"])
+            clip_mean = masked_mean(batch["features"].to(self.device), batch["length"])
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             return self.sonar_encoder(clip_mean.float())
 
-    @torch.no_grad()
-    def fit_standardizer(self, embeddings):
-        """Per-dimension mean/std of the training set's embeddings, stored as buffers (checkpointed)."""
-        embeddings = embeddings.float().to(self.device)
-        self.embedding_mean.copy_(embeddings.mean(dim=0))
-        self.embedding_std.copy_(embeddings.std(dim=0, unbiased=False).clamp(min=1e-6)
-                                 if len(embeddings) > 1 else torch.ones_like(self.embedding_std))
-
-    def bridge(self, sentence_embedding, frames=None, lengths=None):
-        """(B, E) [+ frames (B, T, D)] -> T5 input embeddings (B, Q, d_model)."""
-        kind, batch_size = self.options["bridge"], sentence_embedding.shape[0]
-        embedding = sentence_embedding.to(self.expander.dtype)
-        if self.options["standardize"] and kind != "guide":
-            # Clips' embeddings share most of their direction (cosine ~0.99); standardising per
-            # dimension makes the small per-clip differences the signal.
-            embedding = (embedding - self.embedding_mean) / self.embedding_std
-        queries = self.expander.unsqueeze(0).expand(batch_size, -1, -1)    # (B, Q, d)
-        if kind == "prefix":
-            tokens = queries + self.prefix_mlp(embedding).view(batch_size, *self.expander.shape)
-            return self.output_norm(tokens) * self.output_scale
-        if kind == "memory":
-            memory = self.memory_projection(embedding).view(batch_size, -1, self.expander.shape[1])
-            memory = self.memory_norm(memory + self.memory_positions)       # (B, M, d)
-        else:
-            memory = self.memory_projection(embedding).unsqueeze(1)          # (B, 1, d)
-        padding = None
-        if self.options["frame_attention"] and frames is not None:
-            frame_tokens = self.frame_projection(frames.to(self.device, self.expander.dtype))
-            frame_tokens = self.frame_norm(frame_tokens + sinusoidal_positions(
-                frames.shape[1], frame_tokens.shape[-1], self.device))        # (B, T, d)
-            frame_padding = (torch.arange(frames.shape[1], device=self.device)[None]
-                             >= lengths.to(self.device)[:, None])
-            memory = torch.cat([memory, frame_tokens], dim=1)                 # (B, M + T, d)
-            padding = torch.cat([torch.zeros(batch_size, memory.shape[1] - frames.shape[1],
-                                             dtype=torch.bool, device=self.device), frame_padding], 1)
-        tokens = queries
-        for block in self.bridge_blocks:
-            tokens = block(tokens, memory, padding)
-        return self.output_norm(tokens) * self.output_scale
+    def fit_standardizer(self, embeddings, frame_mean=None, frame_std=None):
+        self.bridge.fit_standardizer(embeddings, frame_mean, frame_std)
 
     def bridge_batch(self, batch):
-        frames = batch.get("frames") if self.options["frame_attention"] else None
-        if self.options["frame_attention"] and frames is None:
-            raise UserError("this model attends to frames (--frame_attention): its dataset must be "
-                            "built with return_frames=True")
+        """The bridge's output for a batch: (B, Q, d_model)."""
+        frames = batch.get("features") if self.options["frame_attention"] else None
         return self.bridge(self.sentence_embedding(batch), frames, batch.get("length"))
+
+    def t5_inputs(self, batch):
+        """What T5's encoder reads: the bridge's Q tokens, then with --frame_attention the clip's T
+        frames (standardised, projected, at the same scale), and the mask of the frames' padding:
+        (B, Q [+ T], d_model), (B, Q [+ T])."""
+        tokens = self.bridge_batch(batch)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
+        if self.options["frame_attention"]:
+            frame_tokens, padding = self.bridge.frame_encoder(batch["features"], batch["length"])
+            tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
+            mask = torch.cat([mask, (~padding).long()], dim=1)
+        return tokens, mask
 
     # -- T5 --------------------------------------------------------------------------------------
 
-    def forward(self, batch):
-        """Token-level cross-entropy on batch['labels'] (padded with -100); returns (loss, tokens).
+    def forward(self, batch, target_texts=None, max_length=50, *, label_smoothing=0.0):
+        """Token-level cross-entropy on batch['labels'] (padded with -100): (loss, target tokens).
 
-        T5 is called stack by stack so its vocabulary head (a quarter of t5-small's training FLOPs)
-        runs only where there is a target token, not on the -100 padding.
+        A tensor instead of a batch dict is the original module's call: `features` (B, T, D) padded
+        with zero frames (which stay out of the mean); with `target_texts` the scalar loss, without
+        them the generated sentences (at most `max_length` new tokens).
         """
-        inputs_embeds = self.bridge_batch(batch)                             # (B, Q, d)
+        if torch.is_tensor(batch):
+            batch = self.batch_from_features(batch)
+            if target_texts is None:
+                return self.generate(batch, **generation_kwargs({**DECODING_DEFAULTS, "max_new_tokens": max_length}))
+            encoded = self.tokenizer(list(target_texts), max_length=128, truncation=True, padding=True,
+                                     return_tensors="pt")
+            batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+            return self.loss(batch, label_smoothing)[0]
+        return self.loss(batch, label_smoothing)
+
+    def batch_from_features(self, features):
+        """A batch dict from zero-padded frames (B, T, D): each clip ends at its last non-zero frame."""
+        features = features.to(self.device).float()
+        nonzero = features.abs().sum(dim=-1) > 0                                    # (B, T)
+        positions = torch.arange(1, features.shape[1] + 1, device=self.device)
+        lengths = (nonzero * positions).max(dim=1).values.cpu()                    # (B,)
+        return {"features": features, "length": lengths, "clip_mean": masked_mean(features, lengths)}
+
+    def loss(self, batch, label_smoothing=0.0):
+        """T5 is called stack by stack so its vocabulary head (a quarter of t5-small's training FLOPs)
+        runs only where there is a target token, not on the -100 padding."""
+        inputs_embeds, attention_mask = self.t5_inputs(batch)               # (B, Q [+ T], d)
         labels = batch["labels"].to(self.device)                             # (B, L)
         config = self.t5.config
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], config.decoder_start_token_id),
                                        labels[:, :-1]], dim=1)
         decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, config.pad_token_id)
-        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=self.device)
-        memory = self.t5.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]   # (B, Q, d)
+        memory = self.t5.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]   # (B, Q [+ T], d)
         hidden = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
                                  encoder_attention_mask=attention_mask, use_cache=False)[0]  # (B, L, d)
         targets = labels != -100
         hidden = hidden[targets]                                             # (N, d)
-        # T5 scales decoder outputs before a tied head (4.x: tie_word_embeddings; 5.x: its own flag).
-        if getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)):
+        if scales_decoder_output(config):
             hidden = hidden * config.d_model ** -0.5
         logits = self.t5.lm_head(hidden)                                     # (N, V)
-        smoothing = self.label_smoothing if self.training else 0.0
-        loss = F.cross_entropy(logits.float(), labels[targets], label_smoothing=smoothing)
+        loss = F.cross_entropy(logits.float(), labels[targets], label_smoothing=label_smoothing if self.training else 0.0)
         return loss, targets.sum()
 
     @torch.no_grad()
     def generate(self, batch, **gen_kwargs):
         """Sentences for a batch; gen_kwargs go to T5's generate (max_new_tokens always set)."""
-        inputs_embeds = self.bridge_batch(batch)
-        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=self.device)
-        gen_kwargs.setdefault("max_new_tokens", 64)
+        inputs_embeds, attention_mask = self.t5_inputs(batch)
+        gen_kwargs.setdefault("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
         ids = self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def config_dict(self):
         """What it takes to rebuild this model without the training flags (saved in checkpoints)."""
+        frame_encoder = self.bridge.frame_encoder
         return {"t5_model": self.t5_model_name, "freeze_encoder": self.freeze_encoder,
                 "encoder_dims": list(self.sonar_encoder.dims), **self.options,
-                "feature_dim": self.frame_projection.in_features if hasattr(self, "frame_projection")
-                else None}
+                "feature_dim": frame_encoder.frame_projection.in_features if frame_encoder else None}
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", checkpoint=None):
         """Rebuild a trained model from best_model.pt alone (+ its t5_export/ folder, if present).
         `checkpoint`: the file's contents when the caller has already loaded them."""
         checkpoint = checkpoint if checkpoint is not None else safe_torch_load(path, "model checkpoint")
-        if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-            raise UserError(f"{path}: not a model checkpoint of this tool (no 'model_state_dict')")
-        config = checkpoint.get("model_config")
-        if config is None or "t5_config" not in checkpoint:
-            raise UserError(f"{path}: this checkpoint lacks its model settings; rebuild with "
-                            "SONARwithT5(...) and load_state_dict")
+        check_model_checkpoint(checkpoint, path)
+        config = checkpoint["model_config"]
         export = Path(path).parent / "t5_export"
         from transformers import AutoTokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(export if export.is_dir() else config["t5_model"])
         except (OSError, ValueError) as error:
             raise UserError(f"{path}: no tokenizer in {export} nor at '{config['t5_model']}' "
-                            f"({str(error).splitlines()[0]})") from None
-        options = {k: config[k] for k in MODEL_DEFAULTS}
-        model = cls(None, config["t5_model"], device, freeze_encoder=config["freeze_encoder"],
-                    t5=t5_from_config(checkpoint["t5_config"]), tokenizer=tokenizer,
+                            f"({first_line(error)})") from None
+        state = upgrade_state_dict(checkpoint["model_state_dict"])
+        head, embedding = state.get("t5.lm_head.weight"), state.get("t5.shared.weight")
+        untied = config_is_untied(checkpoint["t5_config"]) or (
+            head is not None and embedding is not None and not torch.equal(head, embedding))
+        model = cls(None, config["t5_model"], config["freeze_encoder"], device,
+                    t5=t5_from_config(checkpoint["t5_config"], untied), tokenizer=tokenizer,
                     encoder_dims=config["encoder_dims"], feature_dim=config.get("feature_dim"),
-                    **options)
-        load_model_state(model, checkpoint["model_state_dict"], path)
+                    **{k: config.get(k, MODEL_DEFAULTS[k]) for k in MODEL_DEFAULTS})
+        load_model_state(model, state, path)
         return model
 
 
-def load_model_state(model, state_dict, path):
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise UserError(f"{path}: checkpoint is from another model "
-                        f"({str(error).splitlines()[1].strip() if chr(10) in str(error) else error})") from None
-    # T5 ties lm_head to the shared embedding in some configs; a missing tied copy is not a problem.
-    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")
-               and not k.endswith("embed_tokens.weight")]
-    if missing or result.unexpected_keys:
-        raise UserError(f"{path}: checkpoint is from another model (missing keys: "
-                        f"{missing[:5] or 'none'}; unexpected keys: {result.unexpected_keys[:5] or 'none'})")
-
-
 def resolve_device(name):
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    """torch.device from a --device value; CUDA falls back to CPU with a warning where there is none."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device '{name}' is not a device: use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         logger.warning("CUDA is not available on this machine: running on CPU instead.")
         return torch.device("cpu")
-    return torch.device(name)
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device '{name}' is not supported here: use cuda, cuda:N or cpu")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: decoding, metrics, collapse diagnostics
+# Decoding, metrics and collapse diagnostics: one decoding loop for training, --predict and Cell 7
+
+DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
+                         no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
 
 
-def generation_kwargs(args):
-    """One dict for generate. Deterministic beam search unless sampling is asked for."""
-    kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
-    if args.num_beams > 1:
+def generation_kwargs(settings):
+    """One dict for generate from decoding settings (a dict or the parsed flags). Deterministic beam
+    search unless sampling is asked for."""
+    s = settings if isinstance(settings, dict) else vars(settings)
+    kwargs = {"max_new_tokens": s["max_new_tokens"], "num_beams": s["num_beams"]}
+    if s["num_beams"] > 1:
         kwargs["early_stopping"] = True
-    if args.repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = args.repetition_penalty
-    if args.no_repeat_ngram_size:
-        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
-    if args.do_sample:  # passed only when sampling: set otherwise they only raise warnings
-        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        if s["length_penalty"] != 1.0:
+            kwargs["length_penalty"] = s["length_penalty"]
+    if s["repetition_penalty"] != 1.0:
+        kwargs["repetition_penalty"] = s["repetition_penalty"]
+    if s["no_repeat_ngram_size"]:
+        kwargs["no_repeat_ngram_size"] = s["no_repeat_ngram_size"]
+    if s["do_sample"]:  # passed only when sampling: set otherwise they only raise warnings
+        kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
     return kwargs
 
 
-def run_evaluation(model, loader, device, gen_kwargs=None, progress=False):
-    """Loss and predictions over a loader: (rows [(index, id, reference, prediction)], loss_sum, tokens)."""
+class Prediction(NamedTuple):
+    index: int | None      # the sample's index in its dataset
+    id: str
+    reference: str
+    prediction: str
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(what, hint):
+    """A GPU out-of-memory error becomes one line saying which flags to lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"GPU out of memory {what}: {hint}") from None
+
+
+def translate(model, batches, gen_kwargs, precision="fp32", with_loss=True, progress=False):
+    """Predictions (and the token-weighted loss) over batches of clips: (predictions, loss_sum, tokens)."""
     model.eval()
-    gen_kwargs = dict(gen_kwargs or {"max_new_tokens": 64, "num_beams": 4, "early_stopping": True})
-    rows, loss_sum, token_count = [], 0.0, 0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluating", leave=False, disable=not progress):
-            if "labels" not in batch:  # e.g. a default-collated How2SignDataset (Cell 7)
-                encoded = model.tokenizer(list(batch["text"]), padding=True, return_tensors="pt")
-                batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-            with autocast_for(device, model.precision):
-                loss, tokens = model(batch)
-                predictions = model.generate(batch, **gen_kwargs)
-            loss_sum += float(loss) * int(tokens)   # .item(): syncs the GPU, once per batch
-            token_count += int(tokens)
-            indices = batch["index"].tolist() if "index" in batch else [None] * len(predictions)
-            rows += list(zip(indices, batch["id"], batch["text"], predictions))
-    return rows, loss_sum, token_count
+    predictions, loss_sum, token_count = [], 0.0, 0
+    with torch.no_grad(), out_of_memory_as_user_error(
+            "while translating", "lower --eval_batch_size (or --num_beams / --max_new_tokens)"):
+        for batch in tqdm(batches, desc="translating", leave=False, disable=not progress):
+            with autocast_for(model.device, precision):
+                if with_loss:
+                    if "labels" not in batch:  # e.g. a default-collated How2SignDataset (Cell 7)
+                        encoded = model.tokenizer(list(batch["text"]), padding=True, return_tensors="pt")
+                        batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+                    loss, tokens = model(batch)
+                    loss_sum += float(loss) * int(tokens)   # .item(): syncs the GPU, once per batch
+                    token_count += int(tokens)
+                sentences = model.generate(batch, **gen_kwargs)
+            indices = batch["index"].tolist() if "index" in batch else [None] * len(sentences)
+            predictions += map(Prediction._make, zip(indices, batch["id"], batch["text"], sentences))
+    return predictions, loss_sum, token_count
 
 
 def corpus_scores(predictions, references):
@@ -834,12 +1310,16 @@ def corpus_scores(predictions, references):
             "bleu_n": bleu_n, "signature": str(bleu.get_signature())}
 
 
+def score_predictions(predictions):
+    return corpus_scores([p.prediction for p in predictions], [p.reference for p in predictions])
+
+
 def evaluate_model(model, loader, device, gen_kwargs=None):
     """The guide's Cell 7 API: (BLEU, loss, [(ground_truth, prediction), ...])."""
     model = getattr(model, "module", model)
-    rows, loss_sum, token_count = run_evaluation(model, loader, device, gen_kwargs)
-    scores = corpus_scores([r[3] for r in rows], [r[2] for r in rows])
-    return scores["bleu"], loss_sum / max(token_count, 1), [(r[2], r[3]) for r in rows]
+    predictions, loss_sum, tokens = translate(model, loader, gen_kwargs or generation_kwargs(DECODING_DEFAULTS))
+    return score_predictions(predictions)["bleu"], loss_sum / max(tokens, 1), \
+        [(p.reference, p.prediction) for p in predictions]
 
 
 def mean_pairwise_cosine(vectors):
@@ -852,6 +1332,13 @@ def mean_pairwise_cosine(vectors):
     return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
 
 
+def bridge_spreads(tokens):
+    """Relative spread of bridge outputs (N, Q, d) across clips and across query positions."""
+    tokens = tokens.float()
+    rms = tokens.pow(2).mean().sqrt().clamp(min=1e-12)
+    return float(tokens.std(dim=0).mean() / rms), float(tokens.std(dim=1).mean() / rms)
+
+
 @torch.no_grad()
 def collapse_diagnostics(model, dataset, predictions, references, max_clips=256):
     """Numbers that locate collapse: encoder -> bridge -> decoder."""
@@ -859,14 +1346,13 @@ def collapse_diagnostics(model, dataset, predictions, references, max_clips=256)
     indices = list(range(min(len(dataset), max_clips)))
     batch = collate_clips([{k: v for k, v in dataset[i].items() if k != "labels"} for i in indices])
     embeddings = model.sentence_embedding(batch).float()                      # (N, E)
-    tokens = model.bridge_batch(batch).float()                                 # (N, Q, d)
-    rms = tokens.pow(2).mean().sqrt().clamp(min=1e-12)
+    across_clips, across_positions = bridge_spreads(model.bridge_batch(batch))  # from (N, Q, d)
     spread = embeddings.std(dim=0).mean() / embeddings.pow(2).mean().sqrt().clamp(min=1e-12)
     return {
         "encoder_cosine": mean_pairwise_cosine(embeddings),
         "encoder_spread": float(spread),                                   # relative per-dim std
-        "bridge_spread_clips": float(tokens.std(dim=0).mean() / rms),     # do clips differ?
-        "bridge_spread_positions": float(tokens.std(dim=1).mean() / rms), # do query slots differ?
+        "bridge_spread_clips": across_clips,                               # do clips differ?
+        "bridge_spread_positions": across_positions,                       # do query slots differ?
         "distinct_share": len(set(predictions)) / max(len(predictions), 1),
         "reference_distinct_share": len(set(references)) / max(len(references), 1),
     }
@@ -888,25 +1374,24 @@ def diagnose_collapse(diagnostics):
                 "(--no-freeze_encoder), or add --frame_attention so the bridge sees the frames.")
     if d["bridge_spread_positions"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the BRIDGE: all query positions carry the same "
-                "vector (attention over one key); use --bridge memory (the default).")
+                "vector (attention over one key); use the default --bridge prefix_memory.")
     if d["bridge_spread_clips"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the BRIDGE: its outputs barely differ between clips "
                 f"(spread {d['bridge_spread_clips']:.1e}); keep --standardize on (the default) and train longer.")
     return (f"Mode collapse ({share}) is in the DECODER: the bridge passes on per-clip differences "
-            f"(spread {d['bridge_spread_clips']:.2f}) but T5 ignores them; train longer, try "
-            "--learning_rate x3 or --bridge prefix, and check that references are correct.")
+            f"(spread {d['bridge_spread_clips']:.2f}) but T5 ignores them; train longer, or raise "
+            "--bridge_learning_rate, and check that references are correct (--check).")
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: distributed setup, precision, one epoch, checkpoints
+# Training: processes, precision, batches, the optimizer step, one epoch, evaluation
 
 
 @dataclass
-class Distributed:
-    """torchrun's environment; a plain `python` run is rank 0 of 1."""
+class World:
+    """The processes of this run (torchrun's environment); a plain `python` run is rank 0 of 1."""
     rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+    size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -914,31 +1399,29 @@ class Distributed:
         return self.rank == 0
 
     def gather(self, obj):
-        if self.world_size == 1:
+        if self.size == 1:
             return [obj]
-        gathered = [None] * self.world_size
+        gathered = [None] * self.size
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
 
     def barrier(self):
-        if self.world_size > 1:
+        if self.size > 1:
             torch.distributed.barrier()
 
 
-def setup_distributed(device_name):
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(device=resolve_device(device_name))
+def setup_world(device_name):
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(device=resolve_device(device_name))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    resolve_device(device_name) if rank == 0 else None     # validates the flag; warns once without CUDA
     use_cuda = device_name.startswith("cuda") and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not use_cuda and rank == 0:
-        logger.warning("CUDA is not available on this machine: running on CPU instead.")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    return Distributed(rank, local_rank, world_size, device)
+    return World(rank, size, torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
 
 
 def resolve_precision(precision, device):
@@ -959,14 +1442,14 @@ def autocast_for(device, precision):
     return contextlib.nullcontext()
 
 
-def epoch_batches(num_items, batch_size, epoch, seed, dist_info):
+def epoch_batches(num_items, batch_size, epoch, seed, world):
     """This process's batches for an epoch: a fresh shuffle per epoch, sharded across processes
     like DistributedSampler (padded to a multiple of the world size); reproducible for resume."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_items, generator=generator).tolist()
-    if dist_info.world_size > 1:
-        order += order[: (-len(order)) % dist_info.world_size]
-        order = order[dist_info.rank:: dist_info.world_size]
+    if world.size > 1:
+        order += order[: (-len(order)) % world.size]
+        order = order[world.rank:: world.size]
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -977,406 +1460,33 @@ def length_sorted_batches(dataset, indices, batch_size):
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def clip_batches(dataset, batches, num_workers=0, device=None):
+    """A DataLoader over fixed batches of indices, dynamically padded. Its own generator keeps it from
+    drawing on the global RNG, so a resumed run's dropout matches an uninterrupted one's."""
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips, num_workers=num_workers,
+                      pin_memory=device is not None and device.type == "cuda", generator=torch.Generator())
+
+
 @torch.no_grad()
 def encode_dataset(model, dataset, batch_size=4096):
     """Sentence embeddings of every clip, computed once (the frozen encoder's cache)."""
     model.sonar_encoder.eval()
-    chunks = [model.sonar_encoder(dataset.clip_means[i: i + batch_size].to(model.device)).float().cpu()
-              for i in range(0, len(dataset), batch_size)]
+    with out_of_memory_as_user_error("while encoding the clips", "run with --device cpu once, or free the GPU"):
+        chunks = [model.sonar_encoder(dataset.clip_means[i: i + batch_size].to(model.device)).float().cpu()
+                  for i in range(0, len(dataset), batch_size)]
     return torch.cat(chunks)                                                  # (N, E)
-
-
-def cpu_state_dict(module):
-    """State dict on CPU; tensors that share storage (tied embeddings) stay shared."""
-    copies, state = {}, {}
-    for name, tensor in module.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if key not in copies:
-            copies[key] = tensor.detach().cpu().clone()
-        state[name] = copies[key]
-    return state
-
-
-def plain_args(args):
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def model_checkpoint(model, args, **extra):
-    return {"format": CHECKPOINT_FORMAT, "model_state_dict": cpu_state_dict(model),
-            "model_config": model.config_dict(), "t5_config": json.loads(model.t5.config.to_json_string()),
-            "args": plain_args(args), **extra}
-
-
-def check_resume_compatible(saved_args, args, path):
-    differences = [f"--{name} {saved_args.get(name)!r} (now {getattr(args, name)!r})"
-                   for name in ARCHITECTURE_FLAGS if saved_args.get(name) != getattr(args, name)]
-    if differences:
-        raise UserError(f"cannot resume from {path}: it was trained with " + ", ".join(differences)
-                        + "; rerun with the same flags or use another --output_dir")
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0              # completed epochs
-    batch_in_epoch: int = 0     # batches of the current epoch already trained (mid-epoch saves)
-    global_step: int = 0        # optimizer steps
-    loss_sum: float = 0.0       # running train loss of the current epoch (token-weighted)
-    token_sum: int = 0
-    best: dict | None = None    # {"epoch", "val_bleu", "val_loss"}
-    skipped_steps: int = 0      # non-finite steps skipped in all
-
-
-class Trainer:
-    """Holds the model, data and optimizer of one run; `fit` trains and evaluates."""
-
-    def __init__(self, args, dist_info):
-        self.args, self.dist = args, dist_info
-        self.device = dist_info.device
-        self.out = Path(args.output_dir)
-        self.precision = resolve_precision(args.precision, self.device)
-        self.state = TrainState()
-        self.metrics = []
-        self.tensorboard = None
-        self.best_eval = None       # (rows, loss, scores) of the best epoch, when it covered every clip
-
-    # -- set-up ----------------------------------------------------------------------------------
-
-    def setup(self):
-        args = self.args
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        self.model = SONARwithT5(args.sonar_checkpoint, args.t5_model, self.device,
-                                 freeze_encoder=args.freeze_encoder,
-                                 **{k: getattr(args, k) for k in MODEL_DEFAULTS})
-        self.model.label_smoothing = args.label_smoothing
-        self.model.precision = self.precision
-        self.train_set, self.val_set = self.load_datasets()
-        train_embeddings = encode_dataset(self.model, self.train_set)
-        if args.freeze_encoder:  # computed once, reused every epoch and for evaluation
-            self.train_set.sentence_embeddings = train_embeddings
-            self.val_set.sentence_embeddings = encode_dataset(self.model, self.val_set)
-        self.model.fit_standardizer(train_embeddings)
-        self.build_optimizer()
-        if args.resume:
-            self.restore(self.out / "last.pt")
-        self.ddp_model = self.model
-        if self.dist.world_size > 1:
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if args.compile:
-            self.ddp_model = torch.compile(self.ddp_model)
-        if self.dist.is_main:
-            self.export_t5(weights=False)
-            self.start_tensorboard()
-
-    def load_datasets(self):
-        args, encoder_dim = self.args, self.model.sonar_encoder.input_dim
-        datasets, skipped = [], []
-        for split, manifest, features in data_splits(args):
-            dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
-                                      strict=args.strict, return_frames=args.frame_attention,
-                                      trim_zero_frames=args.trim_zero_frames,
-                                      progress=self.dist.is_main)
-            dataset.tokenize(self.model.tokenizer, args.max_target_length)
-            summary = skip_summary(dataset)
-            if summary:
-                logger.warning(summary)
-            logger.info(f"{split}: {len(dataset)} clips ({dataset.feature_dim}-d features, "
-                        f"up to {dataset.max_frames} frames) from {manifest}")
-            skipped += [(clip_id, f"{split}: {reason}") for clip_id, reason in dataset.skipped]
-            datasets.append(dataset)
-        if self.dist.is_main:
-            atomic_write_text(self.out / "skipped_clips.tsv", "id\treason\n" + "".join(
-                f"{clean(clip_id)}\t{clean(reason)}\n" for clip_id, reason in skipped))
-        return datasets
-
-    def build_optimizer(self):
-        from transformers import get_linear_schedule_with_warmup
-
-        args, model = self.args, self.model
-        groups = {"t5": [], "bridge": [], "encoder": []}
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                groups["t5" if name.startswith("t5.") else
-                       "encoder" if name.startswith("sonar_encoder.") else "bridge"].append(parameter)
-        scales = {"t5": 1.0, "bridge": args.bridge_lr_scale, "encoder": args.encoder_lr_scale}
-        self.optimizer = torch.optim.AdamW(
-            [{"params": p, "lr": args.learning_rate * scales[g]} for g, p in groups.items() if p],
-            weight_decay=args.weight_decay, **fused_adamw(self.device))
-        batches = math.ceil(math.ceil(len(self.train_set) / self.dist.world_size) / args.batch_size)
-        self.steps_per_epoch = math.ceil(batches / args.grad_accum_steps)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, args.warmup_steps, max(self.steps_per_epoch * args.epochs, 1))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-
-    def restore(self, path):
-        if not path.is_file():
-            logger.info(f"--resume: no {path} yet, starting from scratch.")
-            return
-        checkpoint = safe_torch_load(path, "resume checkpoint")
-        if not isinstance(checkpoint, dict) or "optimizer_state_dict" not in checkpoint:
-            raise UserError(f"{path}: not a resume checkpoint of this tool (no optimizer state)")
-        check_resume_compatible(checkpoint.get("args", {}), self.args, path)
-        load_model_state(self.model, checkpoint["model_state_dict"], path)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-        self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
-        set_rng_state(checkpoint["rng"])
-        self.state = TrainState(**checkpoint["train_state"])
-        self.metrics = [m for m in read_metrics(self.out / "metrics.jsonl") if m["epoch"] <= self.state.epoch]
-        if self.dist.is_main:  # each epoch exactly once, even if one was logged after the last save
-            atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
-        logger.info(f"Resumed from {path}: {self.state.epoch} epochs done"
-                    + (f", {self.state.batch_in_epoch} batches into epoch {self.state.epoch + 1}"
-                       if self.state.batch_in_epoch else "") + ".")
-
-    # -- the loop --------------------------------------------------------------------------------
-
-    def fit(self):
-        args = self.args
-        global_batch = args.batch_size * self.dist.world_size * args.grad_accum_steps
-        logger.info(f"Training {args.epochs} epochs of {self.steps_per_epoch} steps on {self.device} "
-                    f"({self.precision}, {self.dist.world_size} process(es), global batch {global_batch}, "
-                    f"bridge '{args.bridge}', {count_trainable(self.model):,} trainable parameters)")
-        for epoch in range(self.state.epoch, args.epochs):
-            started = time.time()
-            train_loss = self.train_epoch(epoch)
-            record = {"epoch": epoch + 1, "train_loss": train_loss}
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                record.update(self.evaluate_epoch(epoch))
-            record["seconds"] = round(time.time() - started, 2)
-            self.state = TrainState(epoch=epoch + 1, global_step=self.state.global_step,
-                                    best=self.state.best, skipped_steps=self.state.skipped_steps)
-            if self.dist.is_main:
-                self.record_metrics(record)
-                self.save_last()
-        self.dist.barrier()
-        return self.finish()
-
-    def train_epoch(self, epoch):
-        args, state, model = self.args, self.state, self.ddp_model
-        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.dist)
-        loader = DataLoader(self.train_set, batch_sampler=batches[state.batch_in_epoch:],
-                            collate_fn=collate_clips, num_workers=args.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        model.train()
-        accum, bad_in_row = args.grad_accum_steps, 0
-        loss_sum = torch.tensor(state.loss_sum, device=self.device)
-        token_sum = torch.tensor(state.token_sum, device=self.device)
-        step_loss = step_tokens = 0   # this optimizer step's micro-batches, counted once it is kept
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", initial=state.batch_in_epoch,
-                   total=len(batches), disable=not self.dist.is_main, dynamic_ncols=True)
-        for i, batch in enumerate(bar, start=state.batch_in_epoch):
-            boundary = (i + 1) % accum == 0 or i + 1 == len(batches)
-            no_sync = model.no_sync if self.dist.world_size > 1 and not boundary else contextlib.nullcontext
-            try:
-                with no_sync(), autocast_for(self.device, self.precision):
-                    loss, tokens = model(batch)
-                    self.scaler.scale(loss / accum).backward()
-            except torch.cuda.OutOfMemoryError:
-                raise UserError(f"GPU out of memory at --batch_size {args.batch_size}: lower "
-                                "--batch_size (and raise --grad_accum_steps to keep the global batch), "
-                                "--max_target_length or --num_queries") from None
-            step_loss = step_loss + loss.detach().float() * tokens
-            step_tokens = step_tokens + tokens
-            if not boundary:
-                continue
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = clip_gradients(self.model.parameters(), args.max_grad_norm)
-            if not math.isfinite(grad_norm):  # a skipped step leaves the weights and the loss log alone
-                step_loss = step_tokens = 0
-                bad_in_row += 1
-                state.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.update()
-                self.stop_if_diverged(bad_in_row)
-                continue
-            bad_in_row = 0
-            loss_sum += step_loss
-            token_sum += step_tokens
-            step_loss = step_tokens = 0
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
-            if state.global_step % 10 == 0:  # .item(): syncs the GPU, so only every few steps
-                bar.set_postfix(loss=f"{float(loss_sum / token_sum.clamp(min=1)):.3f}")
-            if (args.save_every_steps and state.global_step % args.save_every_steps == 0
-                    and self.dist.is_main):
-                state.batch_in_epoch, state.loss_sum, state.token_sum = i + 1, float(loss_sum), int(token_sum)
-                self.save_last()
-        bar.close()
-        if self.dist.world_size > 1:
-            totals = torch.stack([loss_sum.float(), token_sum.float()])
-            torch.distributed.all_reduce(totals)
-            loss_sum, token_sum = totals[0], totals[1]
-        return float(loss_sum / token_sum.clamp(min=1))
-
-    def stop_if_diverged(self, bad_in_row):
-        limit = self.args.max_bad_steps * (10 if self.precision == "fp16" else 1)
-        if bad_in_row == 1 and self.precision != "fp16":
-            logger.warning(f"Non-finite loss or gradient at step {self.state.global_step + 1}: step skipped.")
-        if bad_in_row >= limit:
-            hint = ("T5 is known to overflow in fp16: use --precision bf16 (recent GPUs) or fp32."
-                    if self.precision == "fp16" else
-                    "lower --learning_rate, check the features for extreme values, or resume from last.pt.")
-            raise UserError(f"Training diverged: {bad_in_row} steps in a row had a non-finite loss or "
-                            f"gradient ({self.state.skipped_steps} skipped in all); {hint} "
-                            f"The last good checkpoint is {self.out / 'last.pt'}.")
-
-    # -- evaluation ------------------------------------------------------------------------------
-
-    def eval_indices(self, full):
-        indices = list(range(len(self.val_set)))
-        cap = self.args.max_eval_clips
-        if not full and cap and cap < len(indices):  # a fixed subset, the same every epoch
-            order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.args.seed))
-            indices = sorted(order[:cap].tolist())
-        return indices
-
-    def evaluate(self, full):
-        """Predictions over (a fixed subset of) the validation set, split across processes."""
-        indices = self.eval_indices(full)
-        batches = length_sorted_batches(self.val_set, indices[self.dist.rank:: self.dist.world_size],
-                                        self.args.eval_batch_size)
-        loader = DataLoader(self.val_set, batch_sampler=batches, collate_fn=collate_clips,
-                            num_workers=self.args.num_workers)
-        rows, loss_sum, tokens = run_evaluation(self.model, loader, self.device, generation_kwargs(self.args),
-                                                progress=self.dist.is_main)
-        gathered = self.dist.gather((rows, loss_sum, tokens))
-        by_index = {row[0]: row for part in gathered for row in part[0]}
-        rows = [by_index[i] for i in sorted(by_index)]
-        loss = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
-        scores = corpus_scores([r[3] for r in rows], [r[2] for r in rows])
-        return rows, loss, scores, len(indices) == len(self.val_set)
-
-    def evaluate_epoch(self, epoch):
-        rows, loss, scores, full = self.evaluate(full=False)
-        predictions, references = [r[3] for r in rows], [r[2] for r in rows]
-        diagnostics = collapse_diagnostics(self.model, self.val_set, predictions, references)
-        record = {"val_loss": loss, "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
-                  "eval_clips": len(rows), **diagnostics}
-        best = self.state.best
-        improved = best is None or (scores["bleu"], -loss) > (best["val_bleu"], -best["val_loss"])
-        if improved:  # every process tracks the best; only the main one writes it
-            self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_loss": loss}
-            self.best_eval = (rows, loss, scores) if full else None
-        if self.dist.is_main:
-            self.report(epoch, record, scores, rows, diagnostics)
-            if improved:
-                atomic_torch_save(model_checkpoint(self.model, self.args, epoch=epoch + 1,
-                                                   metric="val_bleu", val_bleu=scores["bleu"],
-                                                   val_loss=loss), self.out / "best_model.pt")
-                if full:
-                    write_predictions(self.out / "best_predictions.tsv", rows)
-                logger.info(f"  new best (BLEU {scores['bleu']:.2f}): saved {self.out / 'best_model.pt'}")
-        return record
-
-    def report(self, epoch, record, scores, rows, diagnostics):
-        logger.info(f"epoch {epoch + 1}/{self.args.epochs}: val loss {record['val_loss']:.4f} | "
-                    f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | "
-                    f"distinct predictions {diagnostics['distinct_share']:.0%} "
-                    f"({record['eval_clips']} clips)")
-        logger.info(f"  sacreBLEU {scores['signature']}")
-        logger.info(f"  diagnostics: encoder cosine {diagnostics['encoder_cosine']:.4f} (spread "
-                    f"{diagnostics['encoder_spread']:.2e}) | bridge spread across clips "
-                    f"{diagnostics['bridge_spread_clips']:.3f}, across positions "
-                    f"{diagnostics['bridge_spread_positions']:.3f}")
-        verdict = diagnose_collapse(diagnostics)
-        if verdict:
-            logger.warning("  " + verdict)
-        for n, (_, clip_id, reference, prediction) in enumerate(rows[:5], start=1):
-            logger.info(f"  {n}. [{clip_id}] reference:  {reference}\n     prediction: {prediction}")
-
-    def finish(self):
-        """Score the best model on the full validation set; write results and the export."""
-        if self.state.best is None:
-            raise UserError("no evaluation ran; nothing to report")
-        best_path = self.out / "best_model.pt"
-        self.dist.barrier()
-        load_model_state(self.model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
-        # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
-        rows, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
-        predictions = [r[3] for r in rows]
-        results = {"best_epoch": self.state.best["epoch"], "val_bleu": scores["bleu"],
-                   **{f"bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
-                   "val_chrf": scores["chrf"], "val_loss": loss, "signature": scores["signature"],
-                   "distinct_share": len(set(predictions)) / max(len(predictions), 1),
-                   "val_clips": len(rows), "skipped_steps": self.state.skipped_steps}
-        if self.dist.is_main:
-            write_predictions(self.out / "best_predictions.tsv", rows)
-            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
-            self.export_t5(weights=True)
-            logger.info(f"Best epoch {results['best_epoch']}: BLEU {results['val_bleu']:.2f} "
-                        f"(BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | chrF "
-                        f"{results['val_chrf']:.2f} | distinct {results['distinct_share']:.0%} | "
-                        f"{scores['signature']}")
-            logger.info(f"Wrote {best_path}, best_predictions.tsv, results.json, metrics.jsonl and "
-                        f"t5_export/ in {self.out}")
-            if self.tensorboard:
-                self.tensorboard.close()
-        return results
-
-    # -- outputs ---------------------------------------------------------------------------------
-
-    def record_metrics(self, record):
-        self.metrics.append(record)
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        plot_training_curves(self.metrics, self.out / "training_curves.png")
-        if self.tensorboard:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tensorboard.add_scalar(key, value, record["epoch"])
-            self.tensorboard.flush()
-
-    def save_last(self):
-        atomic_torch_save(model_checkpoint(
-            self.model, self.args, optimizer_state_dict=self.optimizer.state_dict(),
-            scheduler_state_dict=self.scheduler.state_dict(), scaler_state_dict=self.scaler.state_dict(),
-            train_state=vars(self.state).copy(), rng=rng_state()), self.out / "last.pt")
-
-    def export_t5(self, weights):
-        """Tokenizer + config (+ weights at the end) in t5_export/, loadable with from_pretrained."""
-        export = self.out / "t5_export"
-        self.model.tokenizer.save_pretrained(export)
-        if weights:
-            self.model.t5.save_pretrained(export)
-        else:
-            self.model.t5.config.save_pretrained(export)
-
-    def start_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            logger.info("TensorBoard not installed: no event files (pip install tensorboard).")
-            return
-        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
 
 
 def clip_gradients(parameters, max_norm):
     """Clip the total gradient norm to max_norm; returns the norm as a float.
 
-    The .item() syncs the GPU once per optimizer step, which the non-finite check needs anyway;
-    in exchange the second pass over every gradient happens only when clipping is needed.
+    float() syncs the GPU once per optimizer step, which the non-finite check needs anyway; in
+    exchange the second pass over every gradient happens only when clipping is needed.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
     if math.isfinite(norm) and norm > max_norm:
         torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm
@@ -1391,28 +1501,55 @@ def fused_adamw(device):
         return {}
 
 
-def data_splits(args):
-    """(split, manifest, features folder) of the training and validation data."""
-    return (("train", args.train_manifest, args.train_features), ("val", args.val_manifest, args.val_features))
+def parameter_groups(model):
+    """Trainable parameters by part: T5, bridge, encoder (they train at different rates)."""
+    groups = {"t5": [], "bridge": [], "encoder": []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups["t5" if name.startswith("t5.") else
+                   "encoder" if name.startswith("sonar_encoder.") else "bridge"].append(parameter)
+    return groups
 
 
 def count_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def clean(text):
-    return re.sub(r"[\t\r\n]+", " ", str(text))
+OOM_TRAINING_HINT = ("lower --batch_size (and raise --grad_accum_steps to keep the global batch), "
+                     "--max_target_length or --num_queries")
 
 
-def write_predictions(path, rows):
+def bridge_learning_rate(args):
+    """The bridge's peak learning rate: --bridge_learning_rate, else --learning_rate x --bridge_lr_scale
+    when that is given, else DEFAULT_BRIDGE_LR (the bridge starts from random weights; T5 need not)."""
+    if args.bridge_learning_rate:
+        return args.bridge_learning_rate
+    return args.learning_rate * args.bridge_lr_scale if args.bridge_lr_scale else DEFAULT_BRIDGE_LR
+
+
+def data_splits(args):
+    """(split, manifest, features folder) of the training and validation data."""
+    return (("train", args.train_manifest, args.train_features), ("val", args.val_manifest, args.val_features))
+
+
+def report_dataset(dataset, manifest):
+    """The log lines every run prints about a split: how it was read, what was skipped."""
+    if dataset.span_reading:
+        logger.info(f"{dataset.split}: --feature_fps {dataset.feature_fps:g}: spans from {dataset.span_reading}.")
+    summary = skip_summary(dataset)
+    if summary:
+        logger.warning(summary)
+    if dataset.cache and dataset.cache.skipped:
+        logger.warning(f"{dataset.split}: frames of {dataset.cache.clips} clips kept in memory "
+                       f"({dataset.cache.bytes / 2 ** 30:.2f} GB); {dataset.cache.skipped} more are read from disk "
+                       "at every step (raise --frame_cache_gb if memory allows).")
+    logger.info(f"{dataset.split}: {len(dataset)} clips ({dataset.feature_dim}-d features, "
+                f"up to {dataset.max_frames} frames) from {manifest}")
+
+
+def write_predictions(path, predictions):
     atomic_write_text(path, "id\treference\tprediction\n" + "".join(
-        f"{clean(clip_id)}\t{clean(reference)}\t{clean(prediction)}\n" for _, clip_id, reference, prediction in rows))
-
-
-def read_metrics(path):
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        f"{clean(p.id)}\t{clean(p.reference)}\t{clean(p.prediction)}\n" for p in predictions))
 
 
 def plot_training_curves(metrics, path):
@@ -1445,8 +1582,438 @@ def plot_training_curves(metrics, path):
     plt.close(figure)
 
 
+@dataclass
+class TrainState:
+    epoch: int = 0              # completed epochs
+    batch_in_epoch: int = 0     # batches of the current epoch already trained (mid-epoch saves)
+    global_step: int = 0        # optimizer steps
+    loss_sum: float = 0.0       # running train loss of the current epoch (token-weighted)
+    token_sum: int = 0
+    best: dict | None = None    # {"epoch", "val_bleu", "val_loss"}
+    skipped_steps: int = 0      # non-finite steps skipped in all
+
+
+class Trainer:
+    """One run: `setup` builds the model, data and optimizer; `fit` trains, evaluates and saves.
+
+    `model` is what training calls (DDP- and/or torch.compile-wrapped); `raw_model` is the
+    SONARwithT5 inside it, used for evaluation and saved without any wrapper prefix.
+    """
+
+    def __init__(self, args, world):
+        self.args, self.world = args, world
+        self.device = world.device
+        self.out = Path(args.output_dir)
+        self.precision = resolve_precision(args.precision, self.device)
+        self.state = TrainState()
+        self.metrics = []
+        self.tensorboard = None
+        self.best_eval = None       # (predictions, loss, scores) of the best epoch, when it covered every clip
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def setup(self):
+        args = self.args
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        resume_from = self.resume_checkpoint() if args.resume else None   # refused early, before any data is read
+        self.raw_model = SONARwithT5(args.sonar_checkpoint, args.t5_model, args.freeze_encoder, self.device,
+                                     **{k: getattr(args, k) for k in MODEL_DEFAULTS})
+        self.train_set, self.val_set = self.load_datasets()
+        train_embeddings = encode_dataset(self.raw_model, self.train_set)
+        if args.freeze_encoder:  # computed once, reused every epoch and for evaluation
+            self.train_set.sentence_embeddings = train_embeddings
+            self.val_set.sentence_embeddings = encode_dataset(self.raw_model, self.val_set)
+        self.raw_model.fit_standardizer(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
+        self.build_optimizer()
+        if resume_from:
+            self.restore(resume_from, self.out / "last.pt")
+        self.model = self.raw_model
+        if self.world.size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if args.compile:
+            self.model = torch.compile(self.model)
+        if self.world.is_main:
+            save_t5_export(self.raw_model.t5, self.raw_model.tokenizer, self.out / "t5_export", weights=False)
+            self.start_tensorboard()
+
+    def load_datasets(self):
+        args, encoder_dim = self.args, self.raw_model.sonar_encoder.input_dim
+        datasets, skipped = [], []
+        for split, manifest, features in data_splits(args):
+            dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
+                                      strict=args.strict, return_frames=args.frame_attention,
+                                      trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
+                                      frame_cache_gb=args.frame_cache_gb, progress=self.world.is_main)
+            dataset.tokenize(self.raw_model.tokenizer, args.max_target_length)
+            report_dataset(dataset, manifest)
+            lost = len(dataset.skipped) / (len(dataset) + len(dataset.skipped))
+            if lost > args.max_skip_share:
+                raise UserError(f"{split}: {len(dataset) + len(dataset.skipped)} manifest rows -> only "
+                                f"{len(dataset)} usable clips ({lost:.0%} lost, more than --max_skip_share "
+                                f"{args.max_skip_share:g}). "
+                                + (dataset.diagnosis or f"Most common reasons: {dataset.skip_summary_kinds()}; "
+                                   "see --check. If your files hold whole videos, add --feature_fps FPS.")
+                                + " To train on what is left anyway, add --max_skip_share 1.")
+            skipped += [(clip_id, f"{split}: {reason}") for clip_id, reason in dataset.skipped]
+            datasets.append(dataset)
+        if self.world.is_main:
+            atomic_write_text(self.out / "skipped_clips.tsv", "id\treason\n" + "".join(
+                f"{clean(clip_id)}\t{clean(reason)}\n" for clip_id, reason in skipped))
+        return datasets
+
+    def build_optimizer(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        args = self.args
+        groups = parameter_groups(self.raw_model)
+        rates = {"t5": args.learning_rate, "bridge": bridge_learning_rate(args),
+                 "encoder": args.learning_rate * args.encoder_lr_scale}
+        self.optimizer = torch.optim.AdamW([{"params": p, "lr": rates[g]} for g, p in groups.items() if p],
+                                           weight_decay=args.weight_decay, **fused_adamw(self.device))
+        batches = math.ceil(math.ceil(len(self.train_set) / self.world.size) / args.batch_size)
+        self.steps_per_epoch = math.ceil(batches / args.grad_accum_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, args.warmup_steps,
+                                                         max(self.steps_per_epoch * args.epochs, 1))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+
+    def resume_checkpoint(self):
+        """last.pt's contents, checked against this run's flags; None when there is none yet."""
+        path = self.out / "last.pt"
+        if not path.is_file():
+            logger.info(f"--resume: no {path} yet, starting from scratch.")
+            return None
+        checkpoint = safe_torch_load(path, "resume checkpoint")
+        check_model_checkpoint(checkpoint, path, RESUME_KEYS)
+        check_resume_compatible(checkpoint.get("args", {}), self.args, path)
+        return checkpoint
+
+    def restore(self, checkpoint, path):
+        load_model_state(self.raw_model, upgrade_state_dict(checkpoint["model_state_dict"]), path)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+            self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+            self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+            set_rng_state(checkpoint["rng"])
+            self.state = TrainState(**checkpoint["train_state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise UserError(f"{path}: cannot resume from this checkpoint ({first_line(error)}); it was saved by "
+                            "another version or run: use another --output_dir or remove it") from None
+        self.metrics = [m for m in read_jsonl(self.out / "metrics.jsonl") if m.get("epoch", 0) <= self.state.epoch]
+        if self.world.is_main:  # each epoch exactly once, even if one was logged after the last save
+            self.write_metrics()
+        logger.info(f"Resumed from {path}: {self.state.epoch} epochs done"
+                    + (f", {self.state.batch_in_epoch} batches into epoch {self.state.epoch + 1}"
+                       if self.state.batch_in_epoch else "") + ".")
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self):
+        args = self.args
+        global_batch = args.batch_size * self.world.size * args.grad_accum_steps
+        logger.info(f"Training {args.epochs} epochs of {self.steps_per_epoch} steps on {self.device} "
+                    f"({self.precision}, {self.world.size} process(es), global batch {global_batch}, "
+                    f"bridge '{args.bridge}' at learning rate {bridge_learning_rate(args):g}, T5 at "
+                    f"{args.learning_rate:g}, {count_trainable(self.raw_model):,} trainable parameters)")
+        for epoch in range(self.state.epoch, args.epochs):
+            started = time.time()
+            train_loss = self.train_epoch(epoch)
+            record = {"epoch": epoch + 1, "train_loss": train_loss}
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                record.update(self.evaluate_epoch(epoch))
+            record["seconds"] = round(time.time() - started, 2)
+            self.state = TrainState(epoch=epoch + 1, global_step=self.state.global_step,
+                                    best=self.state.best, skipped_steps=self.state.skipped_steps)
+            if self.world.is_main:
+                self.record_metrics(record)
+                self.save_last()
+        self.world.barrier()
+        return self.finish()
+
+    def train_epoch(self, epoch):
+        args, state = self.args, self.state
+        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world)
+        loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], args.num_workers, self.device)
+        self.model.train()
+        bad_in_row = 0
+        loss_sum = torch.tensor(state.loss_sum, device=self.device)
+        token_sum = torch.tensor(state.token_sum, device=self.device)
+        step_loss = step_tokens = 0   # this optimizer step's micro-batches, counted once it is taken
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", initial=state.batch_in_epoch,
+                   total=len(batches), disable=not self.world.is_main, dynamic_ncols=True)
+        for i, batch in enumerate(bar, start=state.batch_in_epoch):
+            last_micro_batch = (i + 1) % args.grad_accum_steps == 0 or i + 1 == len(batches)
+            with self.gradient_sync(last_micro_batch), autocast_for(self.device, self.precision), \
+                    out_of_memory_as_user_error(f"at --batch_size {args.batch_size}", OOM_TRAINING_HINT):
+                loss, tokens = self.model(batch, label_smoothing=args.label_smoothing)
+                self.scaler.scale(loss / args.grad_accum_steps).backward()
+            step_loss = step_loss + loss.detach().float() * tokens
+            step_tokens = step_tokens + tokens
+            if not last_micro_batch:
+                continue
+            if self.optimizer_step():
+                bad_in_row = 0
+                loss_sum += step_loss
+                token_sum += step_tokens
+                if state.global_step % 10 == 0:  # float(): syncs the GPU, so only every few steps
+                    bar.set_postfix(loss=f"{float(loss_sum / token_sum.clamp(min=1)):.3f}")
+                if args.save_every_steps and state.global_step % args.save_every_steps == 0 and self.world.is_main:
+                    state.batch_in_epoch, state.loss_sum, state.token_sum = i + 1, float(loss_sum), int(token_sum)
+                    self.save_last()
+            else:  # a skipped step leaves the weights and the loss log alone
+                bad_in_row += 1
+                state.skipped_steps += 1
+                self.stop_if_diverged(bad_in_row)
+            step_loss = step_tokens = 0
+        bar.close()
+        if self.world.size > 1:
+            totals = torch.stack([loss_sum.float(), token_sum.float()])
+            torch.distributed.all_reduce(totals)
+            loss_sum, token_sum = totals[0], totals[1]
+        return float(loss_sum / token_sum.clamp(min=1))
+
+    def gradient_sync(self, last_micro_batch):
+        """DDP all-reduces gradients only on the last micro-batch of an optimizer step."""
+        if self.world.size > 1 and not last_micro_batch:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def optimizer_step(self):
+        """Unscale, clip, check, step, schedule. Returns False (and skips) on a non-finite gradient."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_gradients(self.raw_model.parameters(), self.args.max_grad_norm)
+        if math.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+            self.state.global_step += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return math.isfinite(grad_norm)
+
+    def stop_if_diverged(self, bad_in_row):
+        limit = self.args.max_bad_steps * (10 if self.precision == "fp16" else 1)
+        if bad_in_row == 1 and self.precision != "fp16":
+            logger.warning(f"Non-finite loss or gradient at step {self.state.global_step + 1}: step skipped.")
+        if bad_in_row >= limit:
+            hint = ("T5 is known to overflow in fp16: use --precision bf16 (recent GPUs) or fp32."
+                    if self.precision == "fp16" else
+                    "lower --learning_rate, check the features for extreme values, or resume from last.pt.")
+            raise UserError(f"Training diverged: {bad_in_row} steps in a row had a non-finite loss or "
+                            f"gradient ({self.state.skipped_steps} skipped in all); {hint} "
+                            f"The last good checkpoint is {self.out / 'last.pt'}.")
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def eval_indices(self, full):
+        indices = list(range(len(self.val_set)))
+        cap = self.args.max_eval_clips
+        if not full and cap and cap < len(indices):  # a fixed subset, the same every epoch
+            order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.args.seed))
+            indices = sorted(order[:cap].tolist())
+        return indices
+
+    def evaluate(self, full):
+        """Predictions over (a fixed subset of) the validation set, split across processes and gathered:
+        (predictions in dataset order, loss, scores, whether every clip was covered)."""
+        indices = self.eval_indices(full)
+        batches = length_sorted_batches(self.val_set, indices[self.world.rank:: self.world.size],
+                                        self.args.eval_batch_size)
+        part = translate(self.raw_model, clip_batches(self.val_set, batches, self.args.num_workers),
+                         generation_kwargs(self.args), self.precision, progress=self.world.is_main)
+        gathered = self.world.gather(part)
+        by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
+        predictions = [by_index[i] for i in sorted(by_index)]
+        loss = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
+        return predictions, loss, score_predictions(predictions), len(indices) == len(self.val_set)
+
+    def evaluate_epoch(self, epoch):
+        predictions, loss, scores, full = self.evaluate(full=False)
+        diagnostics = collapse_diagnostics(self.raw_model, self.val_set, [p.prediction for p in predictions],
+                                           [p.reference for p in predictions])
+        record = {"val_loss": loss, "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
+                  "eval_clips": len(predictions), **diagnostics}
+        best = self.state.best
+        improved = best is None or (scores["bleu"], -loss) > (best["val_bleu"], -best["val_loss"])
+        if improved:  # every process tracks the best; only the main one writes it
+            self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_loss": loss}
+            self.best_eval = (predictions, loss, scores) if full else None
+        if self.world.is_main:
+            self.report(epoch, record, scores, predictions, diagnostics)
+            if improved:
+                atomic_torch_save(model_checkpoint(self.raw_model, self.args, epoch=epoch + 1,
+                                                   val_bleu=scores["bleu"], val_loss=loss), self.out / "best_model.pt")
+                if full:
+                    write_predictions(self.out / "best_predictions.tsv", predictions)
+                logger.info(f"  new best (BLEU {scores['bleu']:.2f}): saved {self.out / 'best_model.pt'}")
+        return record
+
+    def report(self, epoch, record, scores, predictions, diagnostics):
+        logger.info(f"epoch {epoch + 1}/{self.args.epochs}: val loss {record['val_loss']:.4f} | "
+                    f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | "
+                    f"distinct predictions {diagnostics['distinct_share']:.0%} "
+                    f"({record['eval_clips']} clips)")
+        logger.info(f"  sacreBLEU {scores['signature']}")
+        logger.info(f"  diagnostics: encoder cosine {diagnostics['encoder_cosine']:.4f} (spread "
+                    f"{diagnostics['encoder_spread']:.2e}) | bridge spread across clips "
+                    f"{diagnostics['bridge_spread_clips']:.3f}, across positions "
+                    f"{diagnostics['bridge_spread_positions']:.3f}")
+        verdict = diagnose_collapse(diagnostics)
+        if verdict:
+            logger.warning("  " + verdict)
+        for n, p in enumerate(predictions[:5], start=1):
+            logger.info(f"  {n}. [{p.id}] reference:  {p.reference}\n     prediction: {p.prediction}")
+
+    def finish(self):
+        """Score the best model on the full validation set; write results and the export."""
+        if self.state.best is None:
+            raise UserError("no evaluation ran; nothing to report")
+        best_path = self.out / "best_model.pt"
+        self.world.barrier()
+        load_model_state(self.raw_model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
+        # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
+        predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
+        sentences = [p.prediction for p in predictions]
+        results = {"best_epoch": self.state.best["epoch"], "val_bleu": scores["bleu"],
+                   **{f"bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
+                   "val_chrf": scores["chrf"], "val_loss": loss, "signature": scores["signature"],
+                   "distinct_share": len(set(sentences)) / max(len(sentences), 1),
+                   "val_clips": len(predictions), "skipped_steps": self.state.skipped_steps}
+        if self.world.is_main:
+            write_predictions(self.out / "best_predictions.tsv", predictions)
+            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+            save_t5_export(self.raw_model.t5, self.raw_model.tokenizer, self.out / "t5_export", weights=True)
+            logger.info(f"Best epoch {results['best_epoch']}: BLEU {results['val_bleu']:.2f} "
+                        f"(BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | chrF "
+                        f"{results['val_chrf']:.2f} | distinct {results['distinct_share']:.0%} | "
+                        f"{scores['signature']}")
+            logger.info(f"Wrote {best_path}, best_predictions.tsv, results.json, metrics.jsonl and "
+                        f"t5_export/ in {self.out}")
+            if self.tensorboard:
+                self.tensorboard.close()
+        return results
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def write_metrics(self):
+        """metrics.jsonl rewritten whole and renamed into place: a kill never cuts a line."""
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+
+    def record_metrics(self, record):
+        self.metrics.append(record)
+        self.write_metrics()
+        plot_training_curves(self.metrics, self.out / "training_curves.png")
+        if self.tensorboard:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, record["epoch"])
+            self.tensorboard.flush()
+
+    def save_last(self):
+        atomic_torch_save(model_checkpoint(
+            self.raw_model, self.args, optimizer_state_dict=self.optimizer.state_dict(),
+            scheduler_state_dict=self.scheduler.state_dict(), scaler_state_dict=self.scaler.state_dict(),
+            train_state=vars(self.state).copy(), rng=rng_state()), self.out / "last.pt")
+
+    def start_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("TensorBoard not installed: no event files (pip install tensorboard).")
+            return
+        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+
+
 # ----------------------------------------------------------------------------------------------
-# --check (the guide's Cell 3) and --predict
+# Checkpoints: plain dicts of tensors and primitives (weights-only loadable), versioned
+
+MODEL_KEYS = ("model_state_dict", "model_config", "t5_config")
+RESUME_KEYS = MODEL_KEYS + ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng",
+                            "train_state")
+# Format 1 kept the bridge's weights at the top level of the model; they now live in `bridge.`.
+FORMAT1_RENAMES = (("frame_projection.", "bridge.frame_encoder.frame_projection."),
+                   ("frame_norm.", "bridge.frame_encoder.frame_norm."), ("bridge_blocks.", "bridge.blocks."))
+
+
+def cpu_state_dict(module):
+    """State dict on CPU; tensors that share storage (tied embeddings) stay shared."""
+    copies, state = {}, {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in copies:
+            copies[key] = tensor.detach().cpu().clone()
+        state[name] = copies[key]
+    return state
+
+
+def model_checkpoint(model, args, **extra):
+    return {"format": CHECKPOINT_FORMAT, "model_state_dict": cpu_state_dict(model),
+            "model_config": model.config_dict(), "t5_config": portable_t5_config(model.t5),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra}
+
+
+def check_model_checkpoint(checkpoint, path, keys=MODEL_KEYS):
+    """A clear error for a file that is not (or not all of) a checkpoint this version can read."""
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise UserError(f"{path}: not a model checkpoint of this tool (no 'model_state_dict')")
+    if checkpoint.get("format", 1) > CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: saved by a newer version of train_sonar_with_t5.py (checkpoint format "
+                        f"{checkpoint['format']}, this one reads up to {CHECKPOINT_FORMAT}): update the script")
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path}: this checkpoint lacks {', '.join(missing)} (saved by an older or another "
+                        "script?); rebuild the model with SONARwithT5(...) and load_state_dict, or retrain")
+
+
+def upgrade_state_dict(state):
+    """Keys of a format-1 state dict (bridge weights at the top level) renamed for this version."""
+    if not any(key.startswith("bridge.") for key in state) and "expander" in state:
+        def renamed(key):
+            for old, new in FORMAT1_RENAMES:
+                if key.startswith(old):
+                    return new + key[len(old):]
+            return key if key.startswith(("t5.", "sonar_encoder.")) else "bridge." + key
+        state = {renamed(key): value for key, value in state.items()}
+    return state
+
+
+def load_model_state(model, state_dict, path):
+    try:
+        result = nn.Module.load_state_dict(model, upgrade_state_dict(state_dict), strict=False)
+    except RuntimeError as error:  # shape mismatches
+        lines = str(error).splitlines()
+        raise UserError(f"{path}: checkpoint is from another model ({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+    # A tied T5 stores its input embedding once; the tied copies may be missing.
+    tied = not is_untied(model.t5)
+    missing = [k for k in result.missing_keys if not (tied and k.endswith("lm_head.weight"))
+               and not k.endswith("embed_tokens.weight")]
+    if missing or result.unexpected_keys:
+        raise UserError(f"{path}: checkpoint is from another model (missing keys: "
+                        f"{missing[:5] or 'none'}; unexpected keys: {result.unexpected_keys[:5] or 'none'})")
+
+
+def check_resume_compatible(saved_args, args, path):
+    differences = [f"--{name} {saved_args.get(name)!r} (now {getattr(args, name)!r})"
+                   for name in ARCHITECTURE_FLAGS if saved_args.get(name) != getattr(args, name)]
+    if differences:
+        raise UserError(f"cannot resume from {path}: it was trained with " + ", ".join(differences)
+                        + "; rerun with the same flags or use another --output_dir")
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes: --check (the guide's Cell 3), --predict, --demo
 
 
 def run_check(args):
@@ -1470,60 +2037,56 @@ def run_check(args):
             continue
         try:
             dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
-                                      trim_zero_frames=args.trim_zero_frames, progress=True)
+                                      trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
+                                      progress=True)
         except UserError as error:
             ok = False
             print(f"  ERR {error}")
             continue
         rows = len(dataset) + len(dataset.skipped)
+        usable = len(dataset) / rows >= 1 - args.max_skip_share
+        ok = ok and usable
         dims = ", ".join(f"{d}-d x{n}" for d, n in sorted(dataset.dim_counts.items()))
-        print(f"  ok  {split}: {rows} manifest rows -> {len(dataset)} usable clips "
+        print(f"  {'ok ' if usable else 'ERR'} {split}: {rows} manifest rows -> {len(dataset)} usable clips "
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
+        if dataset.span_reading:
+            print(f"      --feature_fps {args.feature_fps:g}: spans from {dataset.span_reading}")
         for reason, count in dataset.skip_kinds().most_common():
             examples = list(dict.fromkeys(clip_id for clip_id, r in dataset.skipped if skip_kind(r) == reason))[:3]
             print(f"      {count} {reason}: {', '.join(examples)}")
+        if not usable:
+            print(f"      {dataset.diagnosis or 'More than --max_skip_share of the rows are unusable: fix the causes above.'}")
     print("All checks passed: ready to train." if ok else "Fix the problems above before training.")
     return 0 if ok else 1
 
 
-def run_predict(args):
+def run_predict(args, given):
     """Translate clips with a trained best_model.pt; BLEU/chrF when the manifest has references."""
     checkpoint = Path(args.checkpoint or Path(args.output_dir) / "best_model.pt")
     device = resolve_device(args.device)
     contents = safe_torch_load(checkpoint, "model checkpoint")
     model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents)
-    model.precision = resolve_precision(args.precision, device)
     saved = contents.get("args", {})
-    parser_defaults = vars(build_parser().parse_args([]))
     for name in DECODING_FLAGS:  # decode as in training unless this command says otherwise
-        if getattr(args, name) == parser_defaults[name] and name in saved:
+        if name not in given and name in saved:
             setattr(args, name, saved[name])
     dataset = How2SignDataset(args.manifest, args.features, feature_dim=model.sonar_encoder.input_dim,
                               split="predict", require_text=args.manifest is not None,
-                              return_frames=model.options["frame_attention"],
-                              trim_zero_frames=args.trim_zero_frames, progress=True)
-    summary = skip_summary(dataset)
-    if summary:
-        logger.warning(summary)
+                              return_frames=model.options["frame_attention"], trim_zero_frames=args.trim_zero_frames,
+                              feature_fps=args.feature_fps, frame_cache_gb=args.frame_cache_gb, progress=True)
+    report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
-    model.eval()
-    gen_kwargs, predictions = generation_kwargs(args), {}
-    for batch_indices in tqdm(batches, desc="translating"):
-        batch = collate_clips([dataset[i] for i in batch_indices])
-        with autocast_for(device, model.precision):
-            predictions.update(zip(batch_indices, model.generate(batch, **gen_kwargs)))
+    predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(args),
+                                  resolve_precision(args.precision, device), with_loss=False, progress=True)
+    predictions.sort(key=lambda p: p.index)
     out = Path(args.predictions_file or checkpoint.parent / "predictions.tsv")
-    atomic_write_text(out, "id\tprediction\n" + "".join(
-        f"{clean(dataset.ids[i])}\t{clean(predictions[i])}\n" for i in range(len(dataset))))
-    logger.info(f"Wrote {len(dataset)} translations to {out}")
+    atomic_write_text(out, "id\tprediction\n" + "".join(f"{clean(p.id)}\t{clean(p.prediction)}\n"
+                                                        for p in predictions))
+    logger.info(f"Wrote {len(predictions)} translations to {out}")
     if args.manifest is not None:
-        scores = corpus_scores([predictions[i] for i in range(len(dataset))], dataset.texts)
+        scores = score_predictions(predictions)
         logger.info(f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | {scores['signature']}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedded demo: How2Sign-shaped data, generated offline
 
 
 DEMO_TEMPLATES = (
@@ -1551,6 +2114,7 @@ DEMO_WORDS = {
     "tool": "scissors hammer towel needle knife ruler sponge pliers whisk wrench brush tape".split(),
     "name": "Anna Mark Lisa David Maria James Sarah Tom Emily Carlos Nina Paul".split(),
 }
+DEMO_FPS = 8    # the demo's feature frames per second (a sentence of ~30 frames lasts ~4 s)
 
 
 def demo_sentences(count, rng):
@@ -1582,31 +2146,63 @@ def build_tokenizer(sentences, vocab_size=600):
                                    unk_token="<unk>")
 
 
-def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0, vocab_size=None):
-    """A randomly initialised T5 (+ tokenizer) saved in `folder`; vocab_size defaults to the tokenizer's."""
-    from transformers import T5Config, T5ForConditionalGeneration
+def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0, vocab_size=None, untied=False):
+    """A randomly initialised T5 (+ tokenizer) saved in `folder`; vocab_size defaults to the tokenizer's.
+    `untied`: T5 v1.1's shape (gated-GELU feed-forward, an output head of its own)."""
+    from transformers import T5Config
 
     torch.manual_seed(seed)
     config = T5Config(vocab_size=vocab_size or len(tokenizer), d_model=d_model, d_ff=4 * d_model, d_kv=d_model // heads,
                       num_heads=heads, num_layers=layers, num_decoder_layers=layers, dropout_rate=0.1,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    T5ForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                      feed_forward_proj="gated-gelu" if untied else "relu", tie_word_embeddings=not untied)
+    t5 = t5_from_config(json.loads(config.to_json_string()), untied)
+    if untied:   # an output head that differs from the embedding, as a trained v1.1 model has
+        nn.init.normal_(t5.lm_head.weight, std=d_model ** -0.5)
+    save_t5_export(t5, tokenizer, folder, weights=True)
     return folder
 
 
+def write_video_layout(root, split, clips, sentences, rng, rest_frame, per_video=15):
+    """The users' video-level layout: one file per VIDEO (its sentences' clips in a row, with 0-3 rest
+    frames between them), a TSV in their format (id = video, duration = start second, rows in
+    sentence-name order) and How2Sign's official CSV with exact START/END_REALIGNED spans."""
+    folder = root / "features" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    tsv, official = ["id\tduration\ttext"], []
+    for video_number, first in enumerate(range(0, len(clips), per_video)):
+        video, parts, offset = f"demo_{split}_video{video_number:03d}", [], 0
+        for k, i in enumerate(range(first, min(first + per_video, len(clips)))):
+            gap = int(rng.integers(0, 4))
+            parts += [np.repeat(rest_frame[None], gap, axis=0), clips[i]]
+            start, end = (offset + gap) / DEMO_FPS, (offset + gap + len(clips[i])) / DEMO_FPS
+            offset += gap + len(clips[i])
+            official.append((video, f"{video}_{k}-rgb_front", start, end, sentences[i]))
+        np.save(folder / f"{video}.npy", np.concatenate(parts).astype(np.float32))
+    official.sort(key=lambda row: row[1])                             # sentence-name order: _0, _1, _10, _11, _2
+    tsv += [f"{video}\t{start:.4f}\t{text}" for video, _, start, _, text in official]
+    (root / "manifests").mkdir(exist_ok=True)
+    (root / "manifests" / f"{split}.tsv").write_text("\n".join(tsv) + "\n")
+    (root / "manifests" / f"how2sign_realigned_{split}.csv").write_text(
+        "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE\n" + "".join(
+            f"{video[:-8]}\t{video}\t{name}\t{name}\t{start:.4f}\t{end:.4f}\t{text}\n"
+            for video, name, start, end, text in official))
+
+
 def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
-                   t5_folder="t5-tiny", target_cosine=0.99, messy=True):
+                   t5_folder="t5-tiny", target_cosine=0.99, messy=True, sentences=None, layout="clips"):
     """Write a How2Sign-shaped project: features/{train,val}/<id>.npy, manifests/{train,val}.tsv,
     data/How2Sign_val.json, an encoder checkpoint in the users' format, and a tiny T5 + tokenizer.
 
     Each word has a "sign" (a random vector shown over 2-4 noisy frames); every frame also carries a
     large component shared by all clips, scaled until the frozen encoder's embeddings of different
     clips reach a mean pairwise cosine >= target_cosine, as the users' real encoder does.
+    layout="videos" writes what the users really have instead: one file per video of ~15 sentences,
+    a video-level TSV and How2Sign's CSV (write_video_layout).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
-    sentences = demo_sentences(num_train + num_val, rng)
+    sentences = list(sentences) if sentences is not None else demo_sentences(num_train + num_val, rng)
     vocabulary = sorted({w for s in sentences for w in re.findall(r"[\w']+", s.lower())})
     signs = {w: rng.normal(size=feature_dim).astype(np.float32) for w in vocabulary}
     shared = rng.normal(size=feature_dim).astype(np.float32)
@@ -1630,13 +2226,17 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
     splits = {"train": range(num_train), "val": range(num_train, num_train + num_val)}
     json_rows = []
     for split, indices in splits.items():
+        if layout == "videos":
+            write_video_layout(root, split, [clips[i] + scale * shared for i in indices],
+                               [sentences[i] for i in indices], rng, scale * shared)
+            continue
         folder = root / "features" / split
         folder.mkdir(parents=True, exist_ok=True)
         lines = ["id\tduration\ttext"]
         for i in indices:
             clip_id = f"demo_{split}_{i:05d}"
             np.save(folder / f"{clip_id}.npy", clips[i] + scale * shared)
-            lines.append(f"{clip_id}\t{len(clips[i]) / 24:.2f}\t{sentences[i]}")
+            lines.append(f"{clip_id}\t{len(clips[i]) / DEMO_FPS:.2f}\t{sentences[i]}")
             if split == "val":
                 json_rows.append({"id": clip_id, "text": sentences[i],
                                   "features": f"../features/val/{clip_id}.npy"})
@@ -1644,23 +2244,45 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
             lines += ["\t1.00\tA row whose id is empty.", "demo_missing_clip\t2.00\tA clip that is not there."]
         (root / "manifests").mkdir(exist_ok=True)
         (root / "manifests" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "How2Sign_val.json").write_text(json.dumps(json_rows, indent=1))
-    tokenizer = build_tokenizer(sentences)
-    build_tiny_t5(tokenizer, root / t5_folder, seed=seed)
+    if json_rows:
+        (root / "data").mkdir(exist_ok=True)
+        (root / "data" / "How2Sign_val.json").write_text(json.dumps(json_rows, indent=1))
+    if t5_folder:
+        build_tiny_t5(build_tokenizer(sentences), root / t5_folder, seed=seed)
     with torch.no_grad():
         cosine = mean_pairwise_cosine(encoder(probe + scale * torch.from_numpy(shared)))
     (root / "READY").write_text(json.dumps({"encoder_cosine": cosine}))   # written last: data complete
-    return {"root": root, "encoder": encoder_path, "t5": root / t5_folder, "encoder_cosine": cosine,
-            "vocabulary": len(vocabulary)}
+    return {"root": root, "encoder": encoder_path, "t5": root / t5_folder if t5_folder else None,
+            "encoder_cosine": cosine, "vocabulary": len(vocabulary)}
+
+
+def prepare_demo(args, given):
+    """--demo: generate the data once under <output_dir>/demo_data and point the flags at it."""
+    root = Path(args.output_dir) / "demo_data"
+    ready = root / "READY"
+    if not ready.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        logger.info(f"Generating the demo dataset in {root} (offline, about a minute)...")
+        info = make_demo_data(root)
+        logger.info(f"  {info['vocabulary']} words; frozen embeddings' mean pairwise cosine "
+                    f"{info['encoder_cosine']:.4f} (like the users' encoder)")
+    for _ in range(600):  # other torchrun processes wait for rank 0's data
+        if ready.is_file():
+            break
+        time.sleep(1)
+    args.sonar_checkpoint = str(root / "checkpoints" / "sonar_encoder_finetuned" / "best_encoder.pt")
+    for split in ("train", "val"):
+        setattr(args, f"{split}_features", str(root / "features" / split))
+        setattr(args, f"{split}_manifest", str(root / "manifests" / f"{split}.tsv"))
+    if "t5_model" not in given:
+        args.t5_model = str(root / "t5-tiny")
+    for name, value in DEMO_SETTINGS.items():
+        if name not in given:
+            setattr(args, name, value)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-
-DECODING_FLAGS = ("num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
-                  "do_sample", "temperature", "top_p")
 DEMO_SETTINGS = dict(epochs=30, batch_size=32, learning_rate=1e-3, warmup_steps=100, eval_every=5)
 
 
@@ -1683,27 +2305,43 @@ def build_parser():
                                                          "or local folder")
     g.add_argument("--log_file", default=None, help="log file (default <output_dir>/train.log)")
 
-    g = p.add_argument_group("bridge (see --help of each; the guide's troubleshooting knobs)")
+    g = p.add_argument_group("data")
+    g.add_argument("--feature_fps", type=float, default=None,
+                   help="feature files hold whole VIDEOS at this many feature frames per second: each manifest "
+                        "row becomes its own sample, its time span cut from its video's file")
+    g.add_argument("--max_skip_share", type=float, default=0.5,
+                   help="stop before training when a split loses more than this share of its manifest rows "
+                        "(1: train on whatever is left)")
+    g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop all-zero frames padded at the end of feature files before the mean")
+    g.add_argument("--frame_cache_gb", type=float, default=4.0,
+                   help="--frame_attention: keep up to this many GB of frames in memory (fp16); the rest "
+                        "are read from disk at every step")
+    g.add_argument("--strict", action="store_true", help="stop on any unusable clip instead of skipping it")
+
+    g = p.add_argument_group("bridge (the guide's troubleshooting knobs among them)")
     g.add_argument("--bridge", choices=BRIDGE_KINDS, default=MODEL_DEFAULTS["bridge"],
-                   help="memory: memory tokens + residual attention; guide: the guide's single-key "
-                        "attention (collapses); prefix: MLP prefix, no attention")
+                   help="prefix_memory: per-query content refined by attention; memory: memory tokens + "
+                        "attention; prefix: MLP prefix, no attention; guide: the guide's single-key attention "
+                        "(collapses)")
     g.add_argument("--num_queries", type=int, default=MODEL_DEFAULTS["num_queries"],
                    help="learnable query tokens (expander length) fed to T5")
     g.add_argument("--num_heads", type=int, default=MODEL_DEFAULTS["num_heads"], help="attention heads")
     g.add_argument("--bridge_layers", type=int, default=MODEL_DEFAULTS["bridge_layers"], help="bridge depth")
     g.add_argument("--memory_tokens", type=int, default=MODEL_DEFAULTS["memory_tokens"],
-                   help="key/value tokens projected from the embedding (memory bridge)")
+                   help="key/value tokens projected from the embedding")
     g.add_argument("--bridge_ff_dim", type=int, default=MODEL_DEFAULTS["bridge_ff_dim"],
-                   help="bridge feed-forward width (0: 4 x d_model)")
+                   help="bridge feed-forward and prefix MLP width (0: 4 x d_model)")
     g.add_argument("--bridge_dropout", type=float, default=MODEL_DEFAULTS["bridge_dropout"], help="bridge dropout")
     g.add_argument("--bridge_layernorm", action=argparse.BooleanOptionalAction,
                    default=MODEL_DEFAULTS["bridge_layernorm"],
                    help="LayerNorm on the bridge output, scaled to T5's embedding scale")
     g.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=MODEL_DEFAULTS["standardize"],
-                   help="standardise the frozen embedding with training-set mean/std")
+                   help="standardise the frozen embedding (and frames) with training-set mean/std")
     g.add_argument("--frame_attention", action=argparse.BooleanOptionalAction,
                    default=MODEL_DEFAULTS["frame_attention"],
-                   help="queries also attend to the clip's frames (reads clips every step)")
+                   help="the clip's frames (standardised, with positions) follow the bridge's tokens into T5, "
+                        "and the bridge's queries attend to them too")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
 
@@ -1712,8 +2350,11 @@ def build_parser():
     g.add_argument("--batch_size", type=int, default=16, help="clips per step and process")
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=5e-5, help="peak learning rate of T5")
-    g.add_argument("--bridge_lr_scale", type=float, default=1.0,
-                   help="bridge learning rate = learning_rate x this (x1 beat x3 and x10 in bench/collapse.py)")
+    g.add_argument("--bridge_learning_rate", type=float, default=None,
+                   help=f"peak learning rate of the (randomly initialised) bridge; default {DEFAULT_BRIDGE_LR:g} "
+                        "whatever --learning_rate is, or learning_rate x --bridge_lr_scale when that is given")
+    g.add_argument("--bridge_lr_scale", type=float, default=None,
+                   help="bridge learning rate = learning_rate x this (unless --bridge_learning_rate is given)")
     g.add_argument("--encoder_lr_scale", type=float, default=0.1,
                    help="encoder learning rate = learning_rate x this (with --no-freeze_encoder)")
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")
@@ -1723,31 +2364,33 @@ def build_parser():
     g.add_argument("--max_target_length", type=int, default=128, help="target tokens kept per sentence")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (cuda falls back to CPU with a warning)")
+                   help="cuda, cuda:N or cpu (cuda falls back to CPU with a warning)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on GPUs that support it, else fp32; fp16 uses a GradScaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help with --frame_attention)")
-    g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop all-zero frames padded at the end of clip files before the mean")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help when frames stream from disk)")
 
     g = p.add_argument_group("evaluation and decoding")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     g.add_argument("--max_eval_clips", type=int, default=0,
                    help="per-epoch evaluation on a fixed subset of N clips (0: all); final scores use all")
     g.add_argument("--eval_batch_size", type=int, default=64, help="clips per generation batch")
-    g.add_argument("--num_beams", type=int, default=4, help="beam search width (1: greedy)")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="longest generated sentence")
-    g.add_argument("--repetition_penalty", type=float, default=1.0, help="the guide used 1.5")
-    g.add_argument("--no_repeat_ngram_size", type=int, default=0, help="the guide used 2")
+    d = DECODING_DEFAULTS
+    g.add_argument("--num_beams", type=int, default=d["num_beams"], help="beam search width (1: greedy)")
+    g.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"], help="longest generated sentence")
+    g.add_argument("--length_penalty", type=float, default=d["length_penalty"],
+                   help="beam search: >1 favours longer sentences, <1 shorter (1.5 measured best in "
+                        "bench/quality.py: our models' sentences otherwise run short)")
+    g.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"], help="the guide used 1.5")
+    g.add_argument("--no_repeat_ngram_size", type=int, default=d["no_repeat_ngram_size"],
+                   help="never repeat an n-gram of this size (0: off; the guide used 2)")
     g.add_argument("--do_sample", action="store_true", help="sample instead of beam search (hides collapse)")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --do_sample)")
-    g.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling (with --do_sample)")
+    g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature (with --do_sample)")
+    g.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling (with --do_sample)")
 
     g = p.add_argument_group("reliability")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N steps")
-    g.add_argument("--strict", action="store_true", help="stop on any unusable clip instead of skipping it")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row")
 
@@ -1778,34 +2421,47 @@ def validate_args(args):
                  "max_target_length", "max_bad_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "bridge_ff_dim",
-                 "no_repeat_ngram_size"):
+    for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers",
+                 "bridge_ff_dim", "no_repeat_ngram_size", "frame_cache_gb"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
-    for name in ("learning_rate", "bridge_lr_scale", "encoder_lr_scale", "max_grad_norm", "temperature",
-                 "repetition_penalty"):
+    for name in ("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
+                 "length_penalty"):
         if not getattr(args, name) > 0:
             problems.append(f"--{name} must be positive (got {getattr(args, name)})")
-    if not 0 <= args.label_smoothing < 1:
-        problems.append(f"--label_smoothing must be in [0, 1) (got {args.label_smoothing})")
-    if not 0 <= args.bridge_dropout < 1:
-        problems.append(f"--bridge_dropout must be in [0, 1) (got {args.bridge_dropout})")
+    for name in ("bridge_learning_rate", "bridge_lr_scale", "feature_fps"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            problems.append(f"--{name} must be positive (got {getattr(args, name)})")
+    for name, low, high in (("label_smoothing", 0, 1), ("bridge_dropout", 0, 1)):
+        if not low <= getattr(args, name) < high:
+            problems.append(f"--{name} must be in [{low}, {high}) (got {getattr(args, name)})")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if not 0 <= args.max_skip_share <= 1:
+        problems.append(f"--max_skip_share must be in [0, 1] (got {args.max_skip_share})")
+    if args.bridge == "prefix" and args.frame_attention:
+        problems.append("--frame_attention needs a bridge with attention: --bridge prefix has none")
+    try:
+        resolve_device(args.device)
+    except UserError as error:
+        problems.append(str(error))
     if sum([args.check, args.predict, args.demo]) > 1:
         problems.append("--check, --predict and --demo are separate modes: use one")
+    folders = []
     if args.predict:
         if not args.features and not args.manifest:
             problems.append("--predict needs --features (a folder of clips) or --manifest")
-        elif args.features and not Path(args.features).is_dir():
-            problems.append(f"--features folder not found: {args.features}")
+        folders = [("features", args.features)] if args.features else []
     elif not args.check and not args.demo:
-        for flag in ("train_features", "val_features"):
-            if not Path(getattr(args, flag)).is_dir():
-                problems.append(f"--{flag} folder not found: {getattr(args, flag)}")
+        folders = [("train_features", args.train_features), ("val_features", args.val_features)]
         for flag in ("train_manifest", "val_manifest", "sonar_checkpoint"):
             if not Path(getattr(args, flag)).is_file():
                 problems.append(f"--{flag} file not found: {getattr(args, flag)}")
+    for flag, folder in folders:
+        if Path(folder).is_file():
+            problems.append(f"--{flag} {folder} is a file: pass the folder that holds the <id>.npy / <id>.pt files")
+        elif not Path(folder).is_dir():
+            problems.append(f"--{flag} folder not found: {folder}")
     if args.num_heads >= 1 and not args.predict and Path(args.t5_model).is_dir():
         with contextlib.suppress(OSError, ValueError, KeyError):
             d_model = json.loads((Path(args.t5_model) / "config.json").read_text())["d_model"]
@@ -1829,33 +2485,10 @@ def setup_logging(log_file, is_main):
         logger.addHandler(handler)
 
 
-def prepare_demo(args, given):
-    """--demo: generate the data once under <output_dir>/demo_data and point the flags at it."""
-    root = Path(args.output_dir) / "demo_data"
-    ready = root / "READY"
-    if not ready.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        logger.info(f"Generating the demo dataset in {root} (offline, about a minute)...")
-        info = make_demo_data(root)
-        logger.info(f"  {info['vocabulary']} words; frozen embeddings' mean pairwise cosine "
-                    f"{info['encoder_cosine']:.4f} (like the users' encoder)")
-    for _ in range(600):  # other torchrun processes wait for rank 0's data
-        if ready.is_file():
-            break
-        time.sleep(1)
-    args.sonar_checkpoint = str(root / "checkpoints" / "sonar_encoder_finetuned" / "best_encoder.pt")
-    for split in ("train", "val"):
-        setattr(args, f"{split}_features", str(root / "features" / split))
-        setattr(args, f"{split}_manifest", str(root / "manifests" / f"{split}.tsv"))
-    if "t5_model" not in given:
-        args.t5_model = str(root / "t5-tiny")
-    for name, value in DEMO_SETTINGS.items():
-        if name not in given:
-            setattr(args, name, value)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    given = explicit_flags(argv)
     args.output_dir = args.output_dir or ("demo_output" if args.demo else "checkpoints/sonar_t5")
     is_main = int(os.environ.get("RANK", "0")) == 0
     log_file = None if (args.check or args.predict) else (args.log_file or Path(args.output_dir) / "train.log")
@@ -1865,11 +2498,10 @@ def main(argv=None):
         if args.check:
             return run_check(args)
         if args.predict:
-            return run_predict(args)
+            return run_predict(args, given)
         if args.demo:
-            prepare_demo(args, explicit_flags(argv))
-        dist_info = setup_distributed(args.device)
-        trainer = Trainer(args, dist_info)
+            prepare_demo(args, given)
+        trainer = Trainer(args, setup_world(args.device))
         trainer.setup()
         trainer.fit()
         return 0

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import shutil
 
 import pytest
@@ -40,11 +41,18 @@ for i, (gt, pred) in enumerate(predictions[:5]):
 GUIDE = ROOT.parent / "shared" / "seed" / "colab-training-guide-attention-bridge.md"
 
 
-def test_cell7_copy_is_the_guides_text():
-    if not GUIDE.is_file():
-        pytest.skip(f"guide not found at {GUIDE}")
-    cell = re.search(r"### Cell 7: Evaluate\s+```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
-    assert cell == CELL7
+def guide_cell(number):
+    """A Colab cell's code, verbatim from the user's guide (../shared/seed beside the checkout)."""
+    assert GUIDE.is_file(), (f"the user's guide is not at {GUIDE}: these tests check its cells verbatim, "
+                             "so check out this repository beside ../shared")
+    return re.search(rf"### Cell {number}:[^\n]*\s+```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
+
+
+def test_cell_copies_are_the_guides_text():
+    assert guide_cell(7) == CELL7
+    command = [line for line in guide_cell(5).replace("\\\n", " ").splitlines() if line.startswith("!")]
+    assert shlex.split(command[0][1:])[:2] == ["python", "train_sonar_with_t5.py"]
+    assert shlex.split(command[0][1:])[2:] == CELL5
 
 
 def rewrite_encoder(root, form):
@@ -55,8 +63,13 @@ def rewrite_encoder(root, form):
                 "prefixed": {f"encoder.{k}": v for k, v in state.items()}}[form], path)
 
 
+def best_epoch(metrics):
+    """The epoch the trainer must have kept: highest BLEU, then lowest loss."""
+    return max(metrics, key=lambda m: (m["val_bleu"], -m["val_loss"]))["epoch"]
+
+
 @pytest.mark.parametrize("form", ["bare", "encoder_state_dict", "model_state_dict", "prefixed"])
-def test_cell5_command_line_then_cell7_snippet(project, form, capsys):
+def test_cell5_command_line(project, form):
     rewrite_encoder(project, form)
     assert tsw.main(CELL5) == 0
     out = project / "checkpoints/sonar_t5_attention_test"
@@ -69,9 +82,9 @@ def test_cell5_command_line_then_cell7_snippet(project, form, capsys):
 
     checkpoint = torch.load(out / "best_model.pt")             # plain torch.load: weights only
     assert {"model_state_dict", "epoch", "val_bleu", "args"} <= set(checkpoint)
-    assert checkpoint["args"]["epochs"] == 2 and checkpoint["epoch"] in (1, 2)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
+    assert checkpoint["args"]["epochs"] == 2 and checkpoint["epoch"] == best_epoch(metrics)
     for m in metrics:
         assert {"train_loss", "val_loss", "val_bleu", "val_chrf", "seconds", "distinct_share",
                 "encoder_cosine", "bridge_spread_clips", "bridge_spread_positions"} <= set(m)
@@ -82,15 +95,26 @@ def test_cell5_command_line_then_cell7_snippet(project, form, capsys):
     assert "demo_missing_clip\ttrain: missing feature file" in skipped
     assert "<line 50>\ttrain: empty id in manifest" in skipped
 
-    # Cell 6 writes ..._final; a user who stops after Cell 5 has the same files there.
-    shutil.copytree(out, project / "checkpoints/sonar_t5_attention_final")
+
+def test_cell6_then_cell7_snippet_reproduces_the_predictions(project, capsys):
+    """Cell 6's command line (made to learn in seconds), then Cell 7 verbatim: the same predictions."""
+    cell6 = [arg.replace("_test", "_final") for arg in CELL5]
+    assert tsw.main(cell6 + ["--epochs", "12", "--learning_rate", "2e-3", "--warmup_steps", "5",
+                             "--batch_size", "8"]) == 0
+    out = project / "checkpoints/sonar_t5_attention_final"
+    metrics = tsw.read_jsonl(out / "metrics.jsonl")
+    assert metrics[-1]["val_loss"] < 0.8 * metrics[0]["val_loss"]               # it has learned something
+    rows = [line.split("\t") for line in (out / "best_predictions.tsv").read_text().splitlines()[1:]]
+    assert len({prediction for _, _, prediction in rows}) >= 3
     capsys.readouterr()
-    exec(compile(CELL7, "cell7", "exec"), {})
+    namespace = {}
+    exec(compile(CELL7, "cell7", "exec"), namespace)
     printed = capsys.readouterr().out
-    bleu = float(re.search(r"BLEU: ([\d.]+)%", printed).group(1))
     assert printed.count("Ground Truth:") == 5 and printed.count("Prediction:") == 5
+    assert namespace["predictions"] == [(reference, prediction) for _, reference, prediction in rows]
     results = json.loads((out / "results.json").read_text())
-    assert bleu == pytest.approx(results["val_bleu"], abs=0.01)   # same model, same decoding
+    assert namespace["bleu"] == pytest.approx(results["val_bleu"], abs=1e-9)
+    assert float(re.search(r"BLEU: ([\d.]+)%", printed).group(1)) == pytest.approx(results["val_bleu"], abs=0.01)
 
 
 def test_check_reports_each_problem_and_exits(project, capsys):
@@ -201,7 +225,7 @@ def test_frame_attention_trains_and_predicts_from_frames(project):
     out = project / "frames"
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_attention", "--eval_batch_size", "5")) == 0
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
-    assert model.options["frame_attention"] and model.frame_projection.in_features == 64
+    assert model.options["frame_attention"] and model.bridge.frame_encoder.frame_projection.in_features == 64
     assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features",
                      str(project / "features/val"), "--device", "cpu"]) == 0
     predicted = dict(line.split("\t") for line in (out / "predictions.tsv").read_text().splitlines()[1:])
@@ -217,14 +241,14 @@ def test_unfrozen_encoder_trains_at_a_lower_rate(project):
     changed = state["sonar_encoder.projection.0.weight"] - original["encoder.projection.0.weight"]
     assert changed.abs().max() > 0                                  # the encoder learned
     last = torch.load(out / "last.pt")["optimizer_state_dict"]["param_groups"]
-    # encoder at learning_rate x 0.1, T5 and the bridge at learning_rate (x --bridge_lr_scale 1)
-    assert sorted(group["initial_lr"] for group in last) == pytest.approx([1e-4, 1e-3, 1e-3])
+    # encoder at learning_rate x 0.1, T5 at learning_rate, the bridge at its own default rate
+    assert sorted(group["initial_lr"] for group in last) == pytest.approx([1e-4, 1e-3, tsw.DEFAULT_BRIDGE_LR])
 
 
 def test_capped_per_epoch_evaluation_keeps_final_scores_on_every_clip(project):
     out = project / "capped"
     assert tsw.main(quick_flags(project, out, "--epochs", "2", "--max_eval_clips", "5")) == 0
-    metrics = tsw.read_metrics(out / "metrics.jsonl")
+    metrics = tsw.read_jsonl(out / "metrics.jsonl")
     assert [m["eval_clips"] for m in metrics] == [5, 5]
     results = json.loads((out / "results.json").read_text())
     assert results["val_clips"] == 12

@@ -56,12 +56,13 @@ def test_unknown_manifest_header_is_one_clear_error(tmp_path, clips):
 def test_items_batch_with_default_collate_and_padding_stays_out_of_the_mean(tmp_path, clips):
     (tmp_path / "m.tsv").write_text("id\tduration\ttext\n" + "".join(
         f"clip{i}\t1.0\t{t}\n" for i, t in enumerate(TEXTS)))
-    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features", return_frames=True)
+    # frame_cache_gb=0: frames read from the files, exactly (the fp16 cache is tested below)
+    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features", return_frames=True, frame_cache_gb=0)
     batch = next(iter(DataLoader(dataset, batch_size=3, shuffle=False)))   # no collate_fn: Cell 7
-    assert batch["frames"].shape == (3, 7, 8)
+    assert batch["features"].shape == (3, 7, 8)
     assert batch["id"] == ["clip0", "clip1", "clip2"]
     # The masked mean of the zero-padded batch equals each clip's own mean.
-    pooled = tsw.masked_mean(batch["frames"], batch["length"])
+    pooled = tsw.masked_mean(batch["features"], batch["length"])
     for i in range(3):
         assert torch.allclose(pooled[i], torch.from_numpy(clips[f"clip{i}"].mean(0)), atol=1e-6)
     encoder = tsw.SonarEncoder((8, 16, 16, 32)).eval()
