@@ -54,7 +54,7 @@ def run(name, out, epochs, extra):
     if code != 0:
         raise SystemExit(f"config {name} failed with exit code {code}")
     results = json.loads((out / name / "results.json").read_text())
-    last = tsw.read_metrics(out / name / "metrics.jsonl")[-1]
+    last = tsw.read_jsonl(out / name / "metrics.jsonl")[-1]
     return {"config": name, "flags": " ".join(CONFIGS[name]) or "(defaults)", "bleu": results["val_bleu"],
             "chrf": results["val_chrf"], "distinct": results["distinct_share"],
             "encoder_cosine": last["encoder_cosine"], "bridge_spread_clips": last["bridge_spread_clips"],

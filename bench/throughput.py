@@ -2,6 +2,7 @@
 
     python bench/throughput.py                                  # CPU: tiny and t5-small shapes
     python bench/throughput.py --device cuda --shapes t5-small  # GPU (bf16 autocast)
+    python bench/throughput.py --frames --shapes tiny            # --frame_attention: cached vs streamed frames
 
 Ours and bare are each measured twice, alternating, and keep their best rate. Same process, same
 generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
@@ -79,25 +80,32 @@ def make_data(root, shape, num_clips, feature_dim=256, seed=0):
                       seed=seed, vocab_size=shape["vocab"])
 
 
-def measure_ours(root, shape, device, precision):
+def build_trainer(root, shape, device, precision, *extra):
+    """Our Trainer on the generated data, set up (every clip read once, encoded, tokenised)."""
     args = tsw.build_parser().parse_args([
         "--sonar_checkpoint", str(root / "encoder.pt"), "--train_features", str(root / "features"),
         "--train_manifest", str(root / "train.tsv"), "--val_features", str(root / "features"),
         "--val_manifest", str(root / "val.tsv"), "--t5_model", str(root / "t5"), "--output_dir", str(root / "run"),
         "--batch_size", str(shape["batch"]), "--epochs", "1", "--warmup_steps", "0", "--device", str(device),
-        "--precision", precision, "--eval_batch_size", "32"])
+        "--precision", precision, "--eval_batch_size", "32", *extra])
     tsw.setup_logging(None, is_main=False)
-    trainer = tsw.Trainer(args, tsw.Distributed(device=device))
+    trainer = tsw.Trainer(args, tsw.World(device=device))
+    trainer.setup()
+    return trainer
+
+
+def measure_ours(root, shape, device, precision):
     started = time.perf_counter()
-    trainer.setup()                                     # reads every clip once, encodes, tokenises
+    trainer = build_trainer(root, shape, device, precision)
     setup_s = time.perf_counter() - started
+    args = trainer.args
     ours = time_epoch(trainer, 0, shape, device)
     sync(device)
     started = time.perf_counter()
     trainer.evaluate(full=True)          # default decoding: beam 4, up to 64 new tokens
     sync(device)
     eval_rate = len(trainer.val_set) / (time.perf_counter() - started)
-    batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.dist)
+    batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.world)
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
     return ours, eval_rate, setup_s, labels, trainer
 
@@ -139,6 +147,23 @@ def measure_bare(root, shape, device, precision, labels, queries=32):
     return rate(step_times, shape["batch"]), flops
 
 
+def measure_frames(root, shape, device, precision, cache_gb, read_delay_ms=0):
+    """Samples/s of --frame_attention training with frames cached in memory or read at every step
+    (optionally each read delayed, as from a network drive)."""
+    trainer = build_trainer(root, shape, device, precision, "--frame_attention", "--frame_cache_gb", str(cache_gb))
+    load = tsw.load_clip_features
+
+    def slow_load(path):
+        time.sleep(read_delay_ms / 1000)
+        return load(path)
+
+    tsw.load_clip_features = slow_load
+    try:
+        return time_epoch(trainer, 0, shape, device)
+    finally:
+        tsw.load_clip_features = load
+
+
 class SeedClips(Dataset):
     """The original data path: every item reads its file and pads it to 300 frames."""
 
@@ -156,7 +181,7 @@ class SeedClips(Dataset):
 
 
 def measure_seed(root, shape, device, steps, padding):
-    model = tsw.SONARwithT5(root / "encoder.pt", str(root / "t5"), device, bridge="guide",
+    model = tsw.SONARwithT5(root / "encoder.pt", str(root / "t5"), device=device, bridge="guide",
                             bridge_layernorm=False, standardize=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)  # as the original
     loader = DataLoader(SeedClips(root / "train.tsv", root / "features"), batch_size=shape["batch"], shuffle=True,
@@ -205,6 +230,10 @@ def main():
     parser.add_argument("--precision", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per measurement (0: per shape)")
+    parser.add_argument("--frames", action="store_true",
+                        help="instead: --frame_attention training, frames cached vs read from disk at every step")
+    parser.add_argument("--read_delay_ms", type=float, default=20,
+                        help="--frames: also measure reads delayed this much (a network drive)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -212,6 +241,8 @@ def main():
     peak = matmul_peak(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()} CPU, {args.threads} threads")
+    if args.frames:
+        return frames_table(args, device, precision, machine)
     results = {}
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])
@@ -245,6 +276,25 @@ def main():
     primary = results[list(results)[-1]]
     print(json.dumps({**primary, "shape": list(results)[-1], "machine": machine, "peak_flops": peak,
                       "shapes": results}))
+
+
+def frames_table(args, device, precision, machine):
+    results = {}
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            make_data(root, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
+            results[name] = {"cached": measure_frames(root, shape, device, precision, 4),
+                             "streamed": measure_frames(root, shape, device, precision, 0),
+                             "streamed_delayed": measure_frames(root, shape, device, precision, 0, args.read_delay_ms)}
+    print(f"\nmachine: {machine}; precision {precision}; --frame_attention training samples/s")
+    print(f"| shape | frames cached (fp16) | read from local disk each step | each read +{args.read_delay_ms:g} ms |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['cached']:.1f} | {r['streamed']:.1f} ({r['cached'] / r['streamed']:.2f}x slower) | "
+              f"{r['streamed_delayed']:.1f} ({r['cached'] / r['streamed_delayed']:.2f}x slower) |")
+    print(json.dumps({"machine": machine, "read_delay_ms": args.read_delay_ms, "frames": results}))
 
 
 if __name__ == "__main__":
