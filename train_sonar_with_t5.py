@@ -593,8 +593,8 @@ class How2SignDataset(Dataset):
                             f"{clip_id}: {reason}")
         if not self.ids:
             raise UserError(f"{split}: no usable clips in {manifest or features_dir} ({len(self.skipped)} skipped"
-                            + (f"; {self.skip_summary_kinds()}" if self.skipped else "")
-                            + (f". {self.diagnosis}" if self.diagnosis else "; run with --check to see why") + ")")
+                            + (f": {self.skip_summary_kinds()}" if self.skipped else "") + "). "
+                            + (self.diagnosis or "Run with --check to see why."))
         self.clip_means = torch.stack(means)                      # (N, D)
         self.lengths = torch.tensor(lengths, dtype=torch.long)    # (N,)
         self.max_frames = int(self.lengths.max())
@@ -858,6 +858,14 @@ class Bridge(nn.Module):
         return nn.ModuleList(BridgeBlock(d_model, options["num_heads"], self.ff_dim, options["bridge_dropout"],
                                          guide=guide) for _ in range(options["bridge_layers"]))
 
+    def make_prefix_mlp(self, embed_dim, options):
+        """embedding (E) -> one token of content per query (Q x d_model)."""
+        return nn.Sequential(nn.Linear(embed_dim, self.ff_dim), nn.GELU(), nn.Dropout(options["bridge_dropout"]),
+                             nn.Linear(self.ff_dim, self.expander.numel()))
+
+    def prefix_queries(self, embedding):                                           # (B, E) -> (B, Q, d)
+        return self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
+
     @property
     def attention_bridge(self):
         return self.blocks[0].attention if self.uses_attention else None
@@ -924,13 +932,10 @@ class PrefixMemoryBridge(MemoryBridge):
 
     def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
         super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
-        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, self.ff_dim), nn.GELU(),
-                                        nn.Dropout(options["bridge_dropout"]),
-                                        nn.Linear(self.ff_dim, self.expander.numel()))
+        self.prefix_mlp = self.make_prefix_mlp(embed_dim, options)
 
     def tokens(self, embedding, frame_tokens, frame_padding):
-        queries = self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
-        return self.attend(queries, self.memory(embedding), frame_tokens, frame_padding)
+        return self.attend(self.prefix_queries(embedding), self.memory(embedding), frame_tokens, frame_padding)
 
 
 class PrefixBridge(Bridge):
@@ -940,12 +945,10 @@ class PrefixBridge(Bridge):
 
     def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
         super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
-        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, self.ff_dim), nn.GELU(),
-                                        nn.Dropout(options["bridge_dropout"]),
-                                        nn.Linear(self.ff_dim, self.expander.numel()))
+        self.prefix_mlp = self.make_prefix_mlp(embed_dim, options)
 
     def tokens(self, embedding, frame_tokens, frame_padding):
-        return self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
+        return self.prefix_queries(embedding)
 
 
 class GuideBridge(Bridge):
@@ -1022,6 +1025,11 @@ def t5_from_config(config_dict, untied=None):
 def save_t5_export(t5, tokenizer, folder, weights):
     """Tokenizer + config (+ weights) loadable with from_pretrained under 4.x and 5.x."""
     tokenizer.save_pretrained(folder)
+    settings = Path(folder) / "tokenizer_config.json"
+    tokenizer_config = json.loads(settings.read_text())
+    if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; 4.x knows the same class as
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # PreTrainedTokenizerFast (tokenizer.json)
+        atomic_write_text(settings, json.dumps(tokenizer_config, indent=2) + "\n")
     (t5.save_pretrained if weights else t5.config.save_pretrained)(folder)
     atomic_write_text(Path(folder) / "config.json", json.dumps(portable_t5_config(t5), indent=2) + "\n")
 
@@ -2312,14 +2320,11 @@ def build_parser():
     g.add_argument("--max_skip_share", type=float, default=0.5,
                    help="stop before training when a split loses more than this share of its manifest rows "
                         "(1: train on whatever is left)")
-    g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop all-zero frames padded at the end of feature files before the mean")
     g.add_argument("--frame_cache_gb", type=float, default=4.0,
                    help="--frame_attention: keep up to this many GB of frames in memory (fp16); the rest "
                         "are read from disk at every step")
-    g.add_argument("--strict", action="store_true", help="stop on any unusable clip instead of skipping it")
 
-    g = p.add_argument_group("bridge (the guide's troubleshooting knobs among them)")
+    g = p.add_argument_group("bridge (see --help of each; the guide's troubleshooting knobs)")
     g.add_argument("--bridge", choices=BRIDGE_KINDS, default=MODEL_DEFAULTS["bridge"],
                    help="prefix_memory: per-query content refined by attention; memory: memory tokens + "
                         "attention; prefix: MLP prefix, no attention; guide: the guide's single-key attention "
@@ -2368,7 +2373,9 @@ def build_parser():
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on GPUs that support it, else fp32; fp16 uses a GradScaler")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help when frames stream from disk)")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help with --frame_attention)")
+    g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop all-zero frames padded at the end of clip files before the mean")
 
     g = p.add_argument_group("evaluation and decoding")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
@@ -2383,7 +2390,7 @@ def build_parser():
                         "bench/quality.py: our models' sentences otherwise run short)")
     g.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"], help="the guide used 1.5")
     g.add_argument("--no_repeat_ngram_size", type=int, default=d["no_repeat_ngram_size"],
-                   help="never repeat an n-gram of this size (0: off; the guide used 2)")
+                   help="the guide used 2")
     g.add_argument("--do_sample", action="store_true", help="sample instead of beam search (hides collapse)")
     g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature (with --do_sample)")
     g.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling (with --do_sample)")
@@ -2391,6 +2398,7 @@ def build_parser():
     g = p.add_argument_group("reliability")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N steps")
+    g.add_argument("--strict", action="store_true", help="stop on any unusable clip instead of skipping it")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row")
 

@@ -35,6 +35,7 @@ CONFIGS = {
     "guide": GUIDE,
     "guide_troubleshooting": GUIDE_TROUBLESHOOTING,
     "default": [],
+    "memory": ["--bridge", "memory"],       # the default before prefix_memory
     "prefix": ["--bridge", "prefix"],
     # The ablations behind the defaults (README: 10 epochs). Rows measured at bridge LR x10 are x10_*.
     "bridge_lr_x3": ["--bridge_lr_scale", "3"],

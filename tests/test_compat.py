@@ -117,6 +117,8 @@ def test_untied_model_predicts_from_its_checkpoint_alone(untied_project, tmp_pat
     assert not torch.equal(head, embedding)
     exported = json.loads((out / "t5_export/config.json").read_text())
     assert exported["tie_word_embeddings"] is False                     # 4.x reads this one
+    tokenizer_class = json.loads((out / "t5_export/tokenizer_config.json").read_text()).get("tokenizer_class")
+    assert tokenizer_class != "TokenizersBackend"                       # a 5.x-only name 4.x cannot load
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
     assert tsw.is_untied(model.t5) and torch.equal(model.t5.lm_head.weight, head)
     moved = tmp_path / "laptop"
