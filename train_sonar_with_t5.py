@@ -73,13 +73,14 @@ MODEL_DEFAULTS = dict(
     bridge_dropout=0.1,
     bridge_layernorm=True,   # LayerNorm on the bridge output (the guide's troubleshooting step 3)
     standardize=True,        # per-dimension standardisation of the frozen embedding (and frames)
-    frame_attention=False,   # queries also attend to the clip's frames
+    frame_attention=False,   # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
 )
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
 ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", *MODEL_DEFAULTS)
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
-DECODING_FLAGS = ("num_beams", "max_new_tokens", "length_penalty", "repetition_penalty",
-                  "no_repeat_ngram_size", "do_sample", "temperature", "top_p")
+DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
+                         no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
+DECODING_FLAGS = tuple(DECODING_DEFAULTS)
 FEATURE_SUFFIXES = (".npy", ".pt")
 CHECKPOINT_FORMAT = 2        # 1: bridge weights at the top level (before bridges became modules)
 ORIGINAL_PAD_FRAMES = 300    # the original collate padded (or cut) every clip to 300 frames
@@ -226,7 +227,7 @@ class ManifestRow:
         return (self.video or self.id) if spans else self.id
 
 
-def number(value):
+def float_or_none(value):
     """A float from a manifest field, or None when it is empty or not a number."""
     try:
         result = float(str(value).strip())
@@ -239,14 +240,14 @@ def decode_lines(path):
     """The lines of a text file: UTF-8 (a BOM from Excel is dropped, CRLF is fine); a line that is not
     UTF-8 (Latin-1 / Windows-1252 from Excel) is read as Windows-1252 and named in a warning."""
     lines, fallback = [], []
-    for number_, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
-        if number_ == 1 and raw.startswith(b"\xef\xbb\xbf"):
+    for line_number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
             lines.append(raw.decode("cp1252", errors="replace"))
-            fallback.append(number_)
+            fallback.append(line_number)
     if fallback:
         shown = ", ".join(map(str, fallback[:5])) + (" ..." if len(fallback) > 5 else "")
         logger.warning(f"{path}: {len(fallback)} line(s) are not UTF-8 (line {shown}); read them as "
@@ -278,11 +279,11 @@ def read_manifest(path):
     for line, fields in enumerate(reader, start=2):
         if not any(value.strip() for value in fields):
             continue
-        value = {key: fields[columns[name]].strip() if columns.get(name, len(fields)) < len(fields) else ""
-                 for key, name in names.items()}
-        rows.append(ManifestRow(value["id"], value["text"], line, video=value["video"] or None,
-                                start=number(value["start"]), end=number(value["end"]),
-                                duration=number(value.get("duration"))))
+        row = {key: fields[columns[name]].strip() if columns.get(name, len(fields)) < len(fields) else ""
+               for key, name in names.items()}          # a short row lacks its last columns: ""
+        rows.append(ManifestRow(row["id"], row["text"], line, video=row["video"] or None,
+                                start=float_or_none(row["start"]), end=float_or_none(row["end"]),
+                                duration=float_or_none(row.get("duration"))))
     return rows
 
 
@@ -306,8 +307,8 @@ def _read_json_manifest(path):
             str(record.get("id", "") or "").strip(), str(record.get("text", "") or "").strip(), line,
             features=str(path.parent / str(feature_path)) if feature_path else None,
             video=str(record["video"]) if record.get("video") else None,
-            start=number(record.get("start")), end=number(record.get("end")),
-            duration=number(record.get("duration"))))
+            start=float_or_none(record.get("start")), end=float_or_none(record.get("end")),
+            duration=float_or_none(record.get("duration"))))
     return rows
 
 
@@ -317,6 +318,15 @@ def rows_from_folder(features_dir):
     return [ManifestRow(f.stem, "", i, features=str(f)) for i, f in enumerate(files, start=1)]
 
 
+def texts_by_id(rows):
+    """{id: the different texts of its rows}: more than one means the id names a video, not a sentence."""
+    texts = defaultdict(set)
+    for row in rows:
+        if row.id and row.text:
+            texts[row.id].add(row.text)
+    return texts
+
+
 def screen_manifest_rows(rows, require_text=True, spans=False):
     """Keep usable rows; return (kept, skipped) with skipped = [(id, reason)].
 
@@ -324,18 +334,15 @@ def screen_manifest_rows(rows, require_text=True, spans=False):
     Without --feature_fps such a file would pair one clip with many texts, so every row of a shared
     id is skipped; with it (`spans=True`) each row is a span of its video and stays.
     """
-    skipped, texts_by_id = [], defaultdict(set)
-    for row in rows:
-        if row.id and row.text:
-            texts_by_id[row.id].add(row.text)
+    skipped, texts = [], texts_by_id(rows)
     kept, seen = [], set()
     for row in rows:
         if not row.id:
             skipped.append((f"<line {row.line}>", "empty id in manifest"))
         elif not row.text and require_text:
             skipped.append((row.id, "empty text in manifest"))
-        elif not spans and len(texts_by_id[row.id]) > 1:
-            skipped.append((row.id, f"id shared by {len(texts_by_id[row.id])} different texts"))
+        elif not spans and len(texts[row.id]) > 1:
+            skipped.append((row.id, f"id shared by {len(texts[row.id])} different texts"))
         elif not spans and row.id in seen:
             skipped.append((row.id, "duplicate manifest row"))
         else:
@@ -347,13 +354,10 @@ def screen_manifest_rows(rows, require_text=True, spans=False):
 def video_level_diagnosis(rows, path):
     """A plain explanation when most rows share their id with other sentences (a manifest of videos,
     as the users' How2Sign TSVs are: VIDEO_NAME renamed to `id`, START to `duration`), else None."""
-    texts_by_id = defaultdict(set)
-    for row in rows:
-        if row.id and row.text:
-            texts_by_id[row.id].add(row.text)
-    shared = {i: texts for i, texts in texts_by_id.items() if len(texts) > 1}
-    shared_rows = sum(len(texts) for texts in shared.values())
-    with_id = sum(len(texts) for texts in texts_by_id.values())
+    texts = texts_by_id(rows)
+    shared = {clip_id: sentences for clip_id, sentences in texts.items() if len(sentences) > 1}
+    shared_rows = sum(map(len, shared.values()))
+    with_id = sum(map(len, texts.values()))
     if not with_id or shared_rows * 2 < with_id:
         return None
     per_video = shared_rows / len(shared)
@@ -1244,9 +1248,6 @@ def resolve_device(name):
 
 # ----------------------------------------------------------------------------------------------
 # Decoding, metrics and collapse diagnostics: one decoding loop for training, --predict and Cell 7
-
-DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
-                         no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
 
 
 def generation_kwargs(settings):
