@@ -332,10 +332,10 @@ def screen_manifest_rows(rows, require_text=True, spans=False):
 
     Real manifests have rows with an empty id, and video-level ids shared by several sentences.
     Without --feature_fps such a file would pair one clip with many texts, so every row of a shared
-    id is skipped; with it (`spans=True`) each row is a span of its video and stays.
+    id is skipped; with it (`spans=True`) each row is a span of its video and stays. Repeated rows
+    are left to How2SignDataset._unique, which sees the final sample ids (spans rename them).
     """
-    skipped, texts = [], texts_by_id(rows)
-    kept, seen = [], set()
+    skipped, texts, kept = [], texts_by_id(rows), []
     for row in rows:
         if not row.id:
             skipped.append((f"<line {row.line}>", "empty id in manifest"))
@@ -343,10 +343,7 @@ def screen_manifest_rows(rows, require_text=True, spans=False):
             skipped.append((row.id, "empty text in manifest"))
         elif not spans and len(texts[row.id]) > 1:
             skipped.append((row.id, f"id shared by {len(texts[row.id])} different texts"))
-        elif not spans and row.id in seen:
-            skipped.append((row.id, "duplicate manifest row"))
         else:
-            seen.add(row.id)
             kept.append(row)
     return kept, skipped
 

@@ -95,7 +95,8 @@ def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
     np.save(folder / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     manifest = ("id\tduration\ttext\ngood\t1\tA good clip.\ngood2\t1\tAnother good clip.\nmissing\t1\tNo file.\n"
                 "garbage\t1\tBytes.\nempty\t1\tNo frames.\nnan\t1\tNaN.\nwide\t1\tWide.\nevil\t1\tEvil.\n"
-                "objects\t1\tObjects.\n\t1\tNo id.\ngood2\t1\t\nshared\t1\tOne.\nshared\t1\tTwo.\n")
+                "objects\t1\tObjects.\n\t1\tNo id.\ngood2\t1\t\nshared\t1\tOne.\nshared\t1\tTwo.\n"
+                "good\t1\tA good clip.\n")
     (tmp_path / "m.tsv").write_text(manifest)
     dataset = tsw.How2SignDataset(tmp_path / "m.tsv", folder)
     assert dataset.ids == ["good", "good2"]
@@ -110,9 +111,10 @@ def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
     assert reasons["<line 11>"] == "empty id in manifest"
     assert reasons["good2"] == "empty text in manifest"
     assert reasons["shared"] == "id shared by 2 different texts"
+    assert reasons["good"] == "duplicate manifest row"
     assert not marker.exists(), "a pickled payload in a feature file ran"
     summary = tsw.skip_summary(dataset)
-    assert summary.startswith("data: skipped 11 rows/clips") and "1 missing feature file" in summary
+    assert summary.startswith("data: skipped 12 rows/clips") and "1 missing feature file" in summary
     with pytest.raises(tsw.UserError, match="--strict"):
         tsw.How2SignDataset(tmp_path / "m.tsv", folder, strict=True)
 
