@@ -882,19 +882,14 @@ class Bridge(nn.Module):
             self.frame_encoder.frame_mean.copy_(frame_mean)
             self.frame_encoder.frame_std.copy_(frame_std.clamp(min=1e-6))
 
-    def forward(self, sentence_embedding, frames=None, lengths=None):   # (B, E) [+ (B, T, D)] -> (B, Q, d)
+    def forward(self, sentence_embedding, frame_tokens=None, frame_padding=None):  # (B, E) -> (B, Q, d)
+        """`frame_tokens`/`frame_padding`: the frame encoder's output, for bridges with --frame_attention."""
         embedding = sentence_embedding.to(self.expander.dtype)
         if self.standardize:
             # Clips' embeddings share most of their direction (cosine ~0.99); standardising per
             # dimension makes the small per-clip differences the signal.
             embedding = (embedding - self.embedding_mean) / self.embedding_std
-        frame_tokens = padding = None
-        if self.frame_encoder is not None:
-            if frames is None:
-                raise UserError("this model attends to frames (--frame_attention): its dataset must be "
-                                "built with return_frames=True")
-            frame_tokens, padding = self.frame_encoder(frames, lengths)
-        return self.output_norm(self.tokens(embedding, frame_tokens, padding)) * self.output_scale
+        return self.output_norm(self.tokens(embedding, frame_tokens, frame_padding)) * self.output_scale
 
     def attend(self, queries, memory, frame_tokens, frame_padding):
         """Queries read the memory tokens (and the frames, when given) through the bridge blocks."""
@@ -1124,21 +1119,32 @@ class SONARwithT5(nn.Module):
     def fit_standardizer(self, embeddings, frame_mean=None, frame_std=None):
         self.bridge.fit_standardizer(embeddings, frame_mean, frame_std)
 
-    def bridge_batch(self, batch):
-        """The bridge's output for a batch: (B, Q, d_model)."""
-        frames = batch.get("features") if self.options["frame_attention"] else None
-        return self.bridge(self.sentence_embedding(batch), frames, batch.get("length"))
+    def frame_tokens(self, batch):
+        """With --frame_attention, the clip's frames encoded once per batch (standardised, projected,
+        with positions) and their padding mask: (B, T, d_model), (B, T); else (None, None)."""
+        if not self.options["frame_attention"]:
+            return None, None
+        if batch.get("features") is None:
+            raise UserError("this model attends to frames (--frame_attention): its dataset must be "
+                            "built with return_frames=True")
+        return self.bridge.frame_encoder(batch["features"], batch["length"])
+
+    def bridge_batch(self, batch, frame_tokens=None, frame_padding=None):
+        """The bridge's output for a batch: (B, Q, d_model). Frame tokens are encoded here unless given."""
+        if frame_tokens is None:
+            frame_tokens, frame_padding = self.frame_tokens(batch)
+        return self.bridge(self.sentence_embedding(batch), frame_tokens, frame_padding)
 
     def t5_inputs(self, batch):
         """What T5's encoder reads: the bridge's Q tokens, then with --frame_attention the clip's T
-        frames (standardised, projected, at the same scale), and the mask of the frames' padding:
-        (B, Q [+ T], d_model), (B, Q [+ T])."""
-        tokens = self.bridge_batch(batch)
+        frame tokens (the ones the bridge attended to, at the same scale), and the mask of the
+        frames' padding: (B, Q [+ T], d_model), (B, Q [+ T])."""
+        frame_tokens, frame_padding = self.frame_tokens(batch)
+        tokens = self.bridge_batch(batch, frame_tokens, frame_padding)
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
-        if self.options["frame_attention"]:
-            frame_tokens, padding = self.bridge.frame_encoder(batch["features"], batch["length"])
+        if frame_tokens is not None:
             tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
-            mask = torch.cat([mask, (~padding).long()], dim=1)
+            mask = torch.cat([mask, (~frame_padding).long()], dim=1)
         return tokens, mask
 
     # -- T5 --------------------------------------------------------------------------------------
