@@ -1160,11 +1160,15 @@ class SONARwithT5(nn.Module):
             batch = self.batch_from_features(batch)
             if target_texts is None:
                 return self.generate(batch, **generation_kwargs({**DECODING_DEFAULTS, "max_new_tokens": max_length}))
-            encoded = self.tokenizer(list(target_texts), max_length=128, truncation=True, padding=True,
-                                     return_tensors="pt")
-            batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+            batch["labels"] = self.labels_from_texts(target_texts, max_length=128)
             return self.loss(batch, label_smoothing)[0]
         return self.loss(batch, label_smoothing)
+
+    def labels_from_texts(self, texts, max_length=None):
+        """Target sentences as token ids padded with -100 (left out of the loss): (B, L)."""
+        encoded = self.tokenizer(list(texts), max_length=max_length, truncation=max_length is not None,
+                                 padding=True, return_tensors="pt")
+        return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
 
     def batch_from_features(self, features):
         """A batch dict from zero-padded frames (B, T, D): each clip ends at its last non-zero frame."""
@@ -1297,8 +1301,7 @@ def translate(model, batches, gen_kwargs, precision="fp32", with_loss=True, prog
             with autocast_for(model.device, precision):
                 if with_loss:
                     if "labels" not in batch:  # e.g. a default-collated How2SignDataset (Cell 7)
-                        encoded = model.tokenizer(list(batch["text"]), padding=True, return_tensors="pt")
-                        batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+                        batch["labels"] = model.labels_from_texts(batch["text"])
                     loss, tokens = model(batch)
                     loss_sum += float(loss) * int(tokens)   # .item(): syncs the GPU, once per batch
                     token_count += int(tokens)
