@@ -49,8 +49,7 @@ def probe_batch(args, model):
     shared = 10 * torch.randn(dim, generator=generator)
     clip_mean = shared + torch.randn(args.clips, dim, generator=generator)
     texts = [f"This is test sentence number {i}." for i in range(args.clips)]
-    encoded = model.tokenizer(texts, padding=True, return_tensors="pt")
-    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    labels = model.labels_from_texts(texts)
     batch = {"clip_mean": clip_mean, "length": torch.full((args.clips,), 10), "text": texts, "labels": labels,
              "id": [f"synthetic{i}" for i in range(args.clips)]}
     return batch, f"{args.clips} synthetic clips", None
