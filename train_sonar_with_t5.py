@@ -620,6 +620,14 @@ class How2SignDataset(Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def manifest_rows(self):
+        """Rows read from the manifest: the samples plus every skipped row or clip."""
+        return len(self) + len(self.skipped)
+
+    def lost_share(self):
+        """Share of the manifest's rows that did not become a sample (compared with --max_skip_share)."""
+        return len(self.skipped) / self.manifest_rows()
+
     def skip_kinds(self):
         """Skipped rows/clips counted by kind."""
         return Counter(skip_kind(reason) for _, reason in self.skipped)
@@ -1663,9 +1671,9 @@ class Trainer:
                                       frame_cache_gb=args.frame_cache_gb, progress=self.world.is_main)
             dataset.tokenize(self.raw_model.tokenizer, args.max_target_length)
             report_dataset(dataset, manifest)
-            lost = len(dataset.skipped) / (len(dataset) + len(dataset.skipped))
+            lost = dataset.lost_share()
             if lost > args.max_skip_share:
-                raise UserError(f"{split}: {len(dataset) + len(dataset.skipped)} manifest rows -> only "
+                raise UserError(f"{split}: {dataset.manifest_rows()} manifest rows -> only "
                                 f"{len(dataset)} usable clips ({lost:.0%} lost, more than --max_skip_share "
                                 f"{args.max_skip_share:g}). "
                                 + (dataset.diagnosis or f"Most common reasons: {dataset.skip_summary_kinds()}; "
@@ -2058,11 +2066,11 @@ def run_check(args):
             ok = False
             print(f"  ERR {error}")
             continue
-        rows = len(dataset) + len(dataset.skipped)
-        usable = len(dataset) / rows >= 1 - args.max_skip_share
+        usable = dataset.lost_share() <= args.max_skip_share     # the rule training stops on
         ok = ok and usable
         dims = ", ".join(f"{d}-d x{n}" for d, n in sorted(dataset.dim_counts.items()))
-        print(f"  {'ok ' if usable else 'ERR'} {split}: {rows} manifest rows -> {len(dataset)} usable clips "
+        print(f"  {'ok ' if usable else 'ERR'} {split}: {dataset.manifest_rows()} manifest rows -> "
+              f"{len(dataset)} usable clips "
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
         if dataset.span_reading:
             print(f"      --feature_fps {args.feature_fps:g}: spans from {dataset.span_reading}")
