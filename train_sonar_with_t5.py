@@ -1713,7 +1713,7 @@ class Trainer:
         return checkpoint
 
     def restore(self, checkpoint, path):
-        load_model_state(self.raw_model, upgrade_state_dict(checkpoint["model_state_dict"]), path)
+        load_model_state(self.raw_model, checkpoint["model_state_dict"], path)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
             self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
@@ -2002,7 +2002,7 @@ def upgrade_state_dict(state):
 
 def load_model_state(model, state_dict, path):
     try:
-        result = nn.Module.load_state_dict(model, upgrade_state_dict(state_dict), strict=False)
+        result = model.load_state_dict(state_dict, strict=False)   # SONARwithT5's: upgrades format-1 keys
     except RuntimeError as error:  # shape mismatches
         lines = str(error).splitlines()
         raise UserError(f"{path}: checkpoint is from another model ({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
