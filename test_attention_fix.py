@@ -1,12 +1,14 @@
 """The guide's Cell 4: check that the bridge can carry per-clip information before training.
 
     python test_attention_fix.py                       # the guide's paths, from its project folder
-    python test_attention_fix.py --t5_model path/to/t5 --sonar_checkpoint enc.pt --bridge guide
+    python test_attention_fix.py --t5_model path/to/t5 --sonar_checkpoint enc.pt --bridge guide --no-frame_attention
 
 Builds SONARwithT5 and checks, on a few real clips (or synthetic ones shaped like them):
 shapes, that gradients reach the bridge but not the frozen encoder, that a training step and
 generation run, and that the bridge's outputs differ across clips and across query positions.
-Exit code 0 only if every check holds. With --bridge guide the last check fails: that is the bug.
+and, for the default model, that gradients reach the path that reads the clip's frames. Exit code 0
+only if every check holds. With --bridge guide --no-frame_attention (the guide's model as written) the
+last check fails: that is the bug.
 """
 
 import argparse
@@ -27,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--manifest", default="manifests/train.tsv", help="manifest of those clips (optional)")
     p.add_argument("--bridge", choices=tsw.BRIDGE_KINDS, default=tsw.MODEL_DEFAULTS["bridge"], help="bridge")
     p.add_argument("--num_queries", type=int, default=tsw.MODEL_DEFAULTS["num_queries"], help="queries")
+    p.add_argument("--frame_attention", action=argparse.BooleanOptionalAction,
+                   default=tsw.MODEL_DEFAULTS["frame_attention"],
+                   help="the model reads the clip's frames (the default); --no-frame_attention: the embedding only")
     p.add_argument("--clips", type=int, default=8, help="clips to probe with")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     return p.parse_args(argv)
@@ -47,11 +52,11 @@ def probe_batch(args, model):
     generator = torch.Generator().manual_seed(0)
     dim = model.sonar_encoder.input_dim
     shared = 10 * torch.randn(dim, generator=generator)
-    clip_mean = shared + torch.randn(args.clips, dim, generator=generator)
+    frames = shared + torch.randn(args.clips, 10, dim, generator=generator)
     texts = [f"This is test sentence number {i}." for i in range(args.clips)]
     labels = model.labels_from_texts(texts)
-    batch = {"clip_mean": clip_mean, "length": torch.full((args.clips,), 10), "text": texts, "labels": labels,
-             "id": [f"synthetic{i}" for i in range(args.clips)]}
+    batch = {"clip_mean": frames.mean(dim=1), "features": frames, "length": torch.full((args.clips,), 10),
+             "text": texts, "labels": labels, "id": [f"synthetic{i}" for i in range(args.clips)]}
     return batch, f"{args.clips} synthetic clips", None
 
 
@@ -65,12 +70,13 @@ def run_checks(args):
     device = tsw.resolve_device(args.device)
     print(f"Building SONARwithT5 (T5 '{args.t5_model}', bridge '{args.bridge}') on {device}...")
     model = tsw.SONARwithT5(args.sonar_checkpoint, args.t5_model, device=device, bridge=args.bridge,
-                            num_queries=args.num_queries)
+                            num_queries=args.num_queries, frame_attention=args.frame_attention)
     batch, source, dataset = probe_batch(args, model)
-    print(f"Probing with {source}.")
+    print(f"Probing with {source}" + (" and their frames." if args.frame_attention else "."))
     with torch.no_grad():
         embeddings = model.sentence_embedding(batch)
-    model.fit_standardizer(embeddings)
+    frames = batch["features"].flatten(0, 1)     # padding included: a probe, not training statistics
+    model.fit_standardizer(embeddings, frames.mean(dim=0), frames.std(dim=0))
     batch["sentence_embedding"] = embeddings.cpu()
     d_model = model.t5.config.d_model
 
@@ -91,6 +97,9 @@ def run_checks(args):
     check("gradients reach the bridge", bool(bridge_grads) and all(
         g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in bridge_grads if g is not None)
         and model.expander.grad is not None and model.expander.grad.abs().sum() > 0)
+    if model.bridge.frame_encoder is not None:
+        projection = model.bridge.frame_encoder.frame_projection.weight.grad
+        check("gradients reach the frame path", projection is not None and projection.abs().sum() > 0)
     check("frozen encoder gets no gradient",
           all(p.grad is None and not p.requires_grad for p in model.sonar_encoder.parameters()))
     before = model.expander.detach().clone()

@@ -31,12 +31,14 @@ import argparse
 import contextlib
 import csv
 import errno
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -73,8 +75,11 @@ MODEL_DEFAULTS = dict(
     bridge_dropout=0.1,
     bridge_layernorm=True,   # LayerNorm on the bridge output (the guide's troubleshooting step 3)
     standardize=True,        # per-dimension standardisation of the frozen embedding (and frames)
-    frame_attention=False,   # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
+    frame_attention=True,    # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
+    frame_stride=4,          # consecutive frames stacked into one frame token
 )
+# What a checkpoint saved before a flag existed (or before its default changed) was trained with.
+PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1)
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
 ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", *MODEL_DEFAULTS)
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
@@ -435,8 +440,8 @@ class ClipScan:
     length: int = 0                       # valid frames
     dim: int = 0
     square_mean: torch.Tensor | None = None  # (D,) mean of squares, for the frame statistics
-    residual: torch.Tensor | None = None  # (length, D) fp16 frames minus `mean`, when cached
-    error: str | None = None
+    frames: torch.Tensor | int | None = None  # where its frames are kept: an fp16 (length, D) tensor of
+    error: str | None = None                  # frames minus `mean` (FrameCache), a FrameStore row, or None
 
 
 class FrameCache:
@@ -449,7 +454,7 @@ class FrameCache:
         self.bytes = 0
         self.lock = threading.Lock()
 
-    def keep(self, frames, mean):
+    def keep(self, frames, mean, first=None, square_mean=None):
         size = frames.numel() * 2
         with self.lock:
             if size > self.left:
@@ -461,8 +466,225 @@ class FrameCache:
         return (frames - mean).to(torch.float16)
 
 
-def scan_file(path, spans, trim_zero_frames, fps=None, cache=None):
-    """Read a feature file once: one ClipScan per span ((start, end) seconds; None = the whole file)."""
+FRAME_STORE_VERSION = 1
+CACHE_ENV = "SONAR_T5_CACHE"
+
+
+def default_cache_dir():
+    """Where frame stores live: $SONAR_T5_CACHE, else the user's cache folder ($XDG_CACHE_HOME or
+    ~/.cache, as Hugging Face does) / train_sonar_with_t5. On Colab that is the VM's local disk."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "train_sonar_with_t5"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """An advisory lock on `path` (one builder per store on this machine: torchrun's other processes
+    wait for it, then open what it built). Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class FrameStore:
+    """Every clip's frames, read once from the clip files into one memory-mapped file on local disk.
+
+    A folder: `frames.f16` (each clip's valid frames minus its mean, fp16, one after the other),
+    `index.npz` (per stored clip: offset, length, first frame, dim, mean and mean of squares) and
+    `meta.json` (per (file, span) of the dataset: its row or why it is unusable). Plain arrays and
+    JSON: nothing in it can run code. Its name is a fingerprint of what it was built from (each clip
+    file's path, size and modification time, the spans, --feature_fps, trimming), so a changed file,
+    manifest or flag builds a new store instead of reading a stale one. Built in a temporary folder
+    and renamed into place when complete: a killed build leaves no store that looks complete. Every
+    process maps the same file, so the page cache holds one copy per machine, not one per process.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        with np.load(self.folder / "index.npz", allow_pickle=False) as index:
+            self.index = {name: index[name] for name in index.files}
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self._frames = None
+
+    @staticmethod
+    def fingerprint(spans_by_file, trim_zero_frames, fps, io_threads=8):
+        """sha256 of what the store's contents follow from; each file's size and mtime (one stat each)."""
+        def stat(path):
+            try:
+                info = os.stat(path)
+                return [info.st_size, info.st_mtime_ns]
+            except OSError:
+                return None
+        paths = sorted(spans_by_file)          # any order of the same clips (a manifest, --predict's folder)
+        with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:   # stats on Google Drive are slow too
+            stats = list(pool.map(stat, paths))
+        payload = [FRAME_STORE_VERSION, bool(trim_zero_frames), fps,
+                   [[os.path.abspath(path), info, spans_by_file[path]] for path, info in zip(paths, stats)]]
+        sizes = sum(info[0] for info in stats if info)
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest(), sizes
+
+    @property
+    def frames_file(self):
+        """The fp16 frames, memory-mapped on first use (in each process: a DataLoader worker maps its own)."""
+        if self._frames is None:
+            self._frames = np.memmap(self.folder / "frames.f16", dtype=np.float16, mode="r")
+        return self._frames
+
+    def __getstate__(self):
+        return {**self.__dict__, "_frames": None}
+
+    @property
+    def nbytes(self):
+        return (self.folder / "frames.f16").stat().st_size
+
+    def residual(self, row):
+        """(length, D) fp16 frames minus the clip's mean."""
+        offsets = self.index["offsets"]
+        flat = self.frames_file[offsets[row]: offsets[row + 1]]
+        return torch.from_numpy(np.array(flat)).view(-1, int(self.index["dims"][row]))
+
+    def scans(self, spans_by_file):
+        """The ClipScans of these files, as they were read when the store was built (no file opened)."""
+        index, grouped = self.index, []
+        for path in spans_by_file:
+            file_scans = self.meta["scans"][os.path.abspath(path)]
+            group = []
+            for entry in file_scans:
+                if isinstance(entry, str):
+                    group.append(ClipScan(error=entry))
+                    continue
+                d, at = int(index["dims"][entry]), int(index["stat_offsets"][entry])
+                group.append(ClipScan(torch.from_numpy(index["means"][at: at + d].copy()), int(index["firsts"][entry]),
+                                      int(index["lengths"][entry]), d,
+                                      torch.from_numpy(index["square_means"][at: at + d].copy()), entry))
+            grouped.append(group)
+        return grouped
+
+
+class FrameStoreBuilder:
+    """Writes a FrameStore while the clip files are scanned (a FrameCache-like `keep`), then renames it
+    into place. A full disk is a UserError naming the folder and the space needed."""
+
+    def __init__(self, folder, needed_bytes):
+        self.folder, self.needed = Path(folder), needed_bytes
+        for stale in self.folder.parent.glob(f".{self.folder.name}.building-*"):   # killed builds (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = self.folder.parent / f".{self.folder.name}.building-{os.getpid()}"
+        self.tmp.mkdir(parents=True)
+        self.handle = open(self.tmp / "frames.f16", "wb")
+        self.lock = threading.Lock()
+        self.rows, self.written = [], 0      # rows: (offset, length, first, dim, mean, square_mean)
+
+    def disk_full(self):
+        return UserError(f"disk full while building the frame store in {self.folder.parent}: it needs about "
+                         f"{self.needed / 2 ** 30:.1f} GB; free space there, or put the store elsewhere with "
+                         f"--cache_dir DIR (or {CACHE_ENV}=DIR); nothing in --output_dir was changed")
+
+    def keep(self, frames, mean, first, square_mean):
+        data = (frames - mean).to(torch.float16).numpy().tobytes()
+        with self.lock:
+            try:
+                self.handle.write(data)
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self.disk_full() from None
+                raise
+            self.rows.append((self.written // 2, frames.shape[0], first, frames.shape[1], mean, square_mean))
+            self.written += len(data)
+            return len(self.rows) - 1
+
+    def finish(self, spans_by_file, scanned):
+        """Index, meta and rename; returns the opened FrameStore."""
+        rows = self.rows
+        dims = np.array([r[3] for r in rows], dtype=np.int64)
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            empty = np.zeros(0, dtype=np.float32)
+            np.savez(self.tmp / "index.npz",
+                     offsets=np.array([r[0] for r in rows] + [self.written // 2], dtype=np.int64),
+                     lengths=np.array([r[1] for r in rows], dtype=np.int64),
+                     firsts=np.array([r[2] for r in rows], dtype=np.int64), dims=dims,
+                     stat_offsets=np.concatenate([[0], np.cumsum(dims)]).astype(np.int64),
+                     means=np.concatenate([r[4].numpy() for r in rows]) if rows else empty,
+                     square_means=np.concatenate([r[5].numpy() for r in rows]) if rows else empty)
+            scans = {os.path.abspath(path): [scan.frames if scan.error is None else scan.error for scan in group]
+                     for path, group in zip(spans_by_file, scanned)}
+            (self.tmp / "meta.json").write_text(json.dumps({"version": FRAME_STORE_VERSION, "clips": len(rows),
+                                                            "scans": scans}))
+            os.replace(self.tmp, self.folder)
+        except OSError as error:
+            self.abandon()
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.disk_full() from None
+            raise
+        return FrameStore(self.folder)
+
+    def abandon(self):
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def scan_files(spans_by_file, trim_zero_frames, fps, keep=None, io_threads=8, progress=False, split="data"):
+    """Read every feature file once, in parallel (Google Drive is latency bound): a list of ClipScans per file."""
+    def read(item):
+        return scan_file(item[0], item[1], trim_zero_frames, fps, keep)
+
+    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
+        return list(tqdm(pool.map(read, spans_by_file.items()), total=len(spans_by_file),
+                         desc=f"reading {split} files", disable=not progress, leave=False))
+
+
+def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=8, progress=False, split="data"):
+    """(ClipScans per file, FrameStore): the store built from these files if there is one, else built
+    now by reading every file once. One builder per store on a machine (a file lock)."""
+    key, sizes = FrameStore.fingerprint(spans_by_file, trim_zero_frames, fps, io_threads)
+    root = Path(cache_dir) / "frames"
+    folder = root / key[:32]
+    with exclusive_lock(root / f".{folder.name}.lock"):
+        if (folder / "meta.json").is_file():
+            store = FrameStore(folder)
+            logger.info(f"{split}: frames from the store {folder} ({store.nbytes / 2 ** 30:.2f} GB); no clip file read")
+            return store.scans(spans_by_file), store
+        needed = sizes // 2 + 2 ** 20          # fp16 copies of float32 files, at most
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(root).free
+        except OSError as error:
+            raise UserError(f"cannot create the frame store folder {root} ({first_line(error)}): set --cache_dir DIR "
+                            f"(or {CACHE_ENV}=DIR) to a writable local folder") from None
+        if free < needed:
+            raise UserError(f"not enough disk space for the frame store in {root}: it needs about "
+                            f"{needed / 2 ** 30:.1f} GB, {free / 2 ** 30:.1f} GB are free; free space there or set "
+                            f"--cache_dir DIR (or {CACHE_ENV}=DIR) to a local disk with room")
+        started = time.time()
+        builder = FrameStoreBuilder(folder, needed)
+        try:
+            scanned = scan_files(spans_by_file, trim_zero_frames, fps, builder.keep, io_threads, progress, split)
+            store = builder.finish(spans_by_file, scanned)
+        except BaseException:
+            builder.abandon()
+            raise
+        logger.info(f"{split}: frame store built in {time.time() - started:.0f} s: {folder} "
+                    f"({store.nbytes / 2 ** 30:.2f} GB); later runs, --resume and --predict read it instead of the clip files")
+        return scanned, store
+
+
+def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):
+    """Read a feature file once: one ClipScan per span ((start, end) seconds; None = the whole file).
+    `keep(frames, mean, first, square_mean)` (a FrameCache's or a FrameStoreBuilder's) keeps the frames."""
     def failed(reason):
         return [ClipScan(error=reason) for _ in spans]
 
@@ -499,9 +721,9 @@ def scan_file(path, spans, trim_zero_frames, fps=None, cache=None):
                                             f"{fps:g} features/s)"))
                 continue
         frames = features[first:stop].double()
-        mean = frames.mean(dim=0).float()
-        scans.append(ClipScan(mean, first, stop - first, features.shape[1], frames.pow(2).mean(dim=0).float(),
-                              cache.keep(features[first:stop], mean) if cache else None))
+        mean, square_mean = frames.mean(dim=0).float(), frames.pow(2).mean(dim=0).float()
+        scans.append(ClipScan(mean, first, stop - first, features.shape[1], square_mean,
+                              keep(features[first:stop], mean, first, square_mean) if keep else None))
     return scans
 
 
@@ -513,25 +735,28 @@ class How2SignDataset(Dataset):
     How2SignDataset("features/val", "manifests/val.tsv")       # the original module's order
     How2SignDataset("manifests/val.tsv", "videos/val", feature_fps=24)   # one file per whole video
 
-    Every feature file is read once here: each usable clip keeps its mean frame (the encoder's first
-    step is a mean over time, so this is all it needs) and its length, never all its frames, so 31k
-    clips fit in memory. With `return_frames`, frames are kept too, as fp16, up to `frame_cache_gb`;
-    the rest are read again when needed. With `feature_fps`, files hold whole videos and every
+    Every feature file is read once, into a FrameStore on local disk (`cache_dir`, default
+    default_cache_dir()): a later dataset of the same files (another run, --resume, --predict, each
+    torchrun process) opens the store instead of any clip file. Each usable clip keeps in memory its
+    mean frame (the encoder's first step is a mean over time) and its length; its frames are read from
+    the memory-mapped store when an item needs them (`return_frames`, the default: the default model
+    reads the frames). With `frame_store=False` the files are read as before, frames kept in memory
+    as fp16 up to `frame_cache_gb` and read again past it. With `feature_fps`, files hold whole videos and every
     manifest row is its own sample: its span of the video. Problem rows and clips are skipped and
     listed in `self.skipped`. Items are fixed-size, so PyTorch's default collate batches them.
     """
 
     def __init__(self, manifest, features_dir=None, max_samples=None, *, feature_dim=None, split="data",
                  strict=False, return_frames=None, trim_zero_frames=True, require_text=True,
-                 feature_fps=None, frame_cache_gb=4.0, io_threads=8, progress=False):
+                 feature_fps=None, frame_store=True, cache_dir=None, frame_cache_gb=4.0, io_threads=8, progress=False):
         if manifest is not None and Path(manifest).is_dir() and (features_dir is None or Path(features_dir).is_file()):
             manifest, features_dir = features_dir, manifest   # the original (features_dir, manifest_path)
-            return_frames = True if return_frames is None else return_frames  # its items held frames
         if features_dir is not None and Path(features_dir).is_file():
             raise UserError(f"{features_dir} is a file, not a folder of clips: pass the folder that holds "
                             "<id>.npy / <id>.pt files")
         self.manifest, self.split = str(manifest or features_dir), split
-        self.return_frames, self.trim_zero_frames = bool(return_frames), trim_zero_frames
+        self.return_frames = True if return_frames is None else bool(return_frames)   # the default model reads frames
+        self.trim_zero_frames = trim_zero_frames
         self.feature_fps = feature_fps
         rows = read_manifest(manifest) if manifest is not None else rows_from_folder(features_dir)
         self.diagnosis = None if feature_fps else video_level_diagnosis(rows, manifest)
@@ -551,22 +776,22 @@ class How2SignDataset(Dataset):
                 found = find_feature_file(features_dir, stem)
                 path = str(found) if found else str(Path(features_dir) / f"{stem}.npy|.pt")
             files[path].append(row)
-        cache = FrameCache(frame_cache_gb) if self.return_frames else None
-
-        def read(item):
-            path, file_rows = item
-            spans = [(row.start, row.end) if feature_fps else None for row in file_rows]
-            return scan_file(path, spans, trim_zero_frames, feature_fps, cache)
-
-        with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:  # I/O bound (Google Drive)
-            scanned = list(tqdm(pool.map(read, files.items()), total=len(files), desc=f"reading {split} files",
-                                disable=not progress, leave=False))
+        spans_by_file = {path: [(row.start, row.end) if feature_fps else None for row in file_rows]
+                         for path, file_rows in files.items()}
+        cache = self.store = None
+        if frame_store:
+            scanned, self.store = scan_into_store(spans_by_file, trim_zero_frames, feature_fps,
+                                                  cache_dir or default_cache_dir(), io_threads, progress, split)
+        else:
+            cache = FrameCache(frame_cache_gb) if self.return_frames else None
+            scanned = scan_files(spans_by_file, trim_zero_frames, feature_fps, cache.keep if cache else None,
+                                 io_threads, progress, split)
         results = [(row, path, scan) for (path, file_rows), scans in zip(files.items(), scanned)
                    for row, scan in zip(file_rows, scans)]
         results.sort(key=lambda item: item[0].line)           # manifest order
         self.dim_counts = Counter(scan.dim for _, _, scan in results if not scan.error)
         self.feature_dim = feature_dim or (self.dim_counts.most_common(1)[0][0] if self.dim_counts else None)
-        self.ids, self.texts, self.paths, self.first_frames, self.residuals = [], [], [], [], []
+        self.ids, self.texts, self.paths, self.first_frames, self.stored = [], [], [], [], []
         means, lengths = [], []
         frame_sum = frame_square_sum = 0
         for row, path, scan in results:
@@ -579,7 +804,7 @@ class How2SignDataset(Dataset):
             self.texts.append(row.text)
             self.paths.append(path)
             self.first_frames.append(scan.first)
-            self.residuals.append(scan.residual)
+            self.stored.append(scan.frames)
             means.append(scan.mean)
             lengths.append(scan.length)
             frame_sum = frame_sum + scan.mean.double() * scan.length
@@ -645,8 +870,10 @@ class How2SignDataset(Dataset):
 
     def frames(self, index):
         """(length, D) float32 frames of one sample: from the cache, else read from its file again."""
-        if self.residuals[index] is not None:
-            return self.residuals[index].float() + self.clip_means[index]
+        stored = self.stored[index]
+        if stored is not None:
+            residual = self.store.residual(stored) if isinstance(stored, int) else stored
+            return residual.float() + self.clip_means[index]
         first, length = self.first_frames[index], int(self.lengths[index])
         try:
             frames = load_clip_features(self.paths[index])[first: first + length]
@@ -828,21 +1055,29 @@ class BridgeBlock(nn.Module):
 
 
 class FrameEncoder(nn.Module):
-    """Frames standardised per dimension with training-set statistics, projected, with positions."""
+    """Frames standardised per dimension with training-set statistics, then every `stride` consecutive
+    frames projected into one token (temporal striding, as SSVP-SLT's: a linear map of the stacked
+    frames, so order within a stride is kept), with positions. stride 1: one token per frame."""
 
-    def __init__(self, frame_dim, d_model):
+    def __init__(self, frame_dim, d_model, stride=1):
         super().__init__()
+        self.stride = stride
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
-        self.frame_projection = nn.Linear(frame_dim, d_model)
+        self.frame_projection = nn.Linear(stride * frame_dim, d_model)
         self.frame_norm = nn.LayerNorm(d_model)
 
-    def forward(self, frames, lengths):          # (B, T, D), (B,) -> (B, T, d), padding mask (B, T)
+    def forward(self, frames, lengths):      # (B, T, D), (B,) -> (B, T', d), padding mask (B, T'); T' = ceil(T / stride)
+        lengths = lengths.to(self.frame_mean.device)
         frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
-        tokens = self.frame_projection(frames)
-        tokens = self.frame_norm(tokens + sinusoidal_positions(frames.shape[1], tokens.shape[-1], tokens.device))
-        padding = torch.arange(frames.shape[1], device=tokens.device)[None] >= lengths.to(tokens.device)[:, None]
-        return tokens, padding
+        batch, length, dim = frames.shape
+        valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
+        frames = frames * valid[..., None]                           # padding is 0 inside the last stride too
+        frames = F.pad(frames, (0, 0, 0, (-length) % self.stride))
+        tokens = self.frame_projection(frames.reshape(batch, -1, self.stride * dim))
+        tokens = self.frame_norm(tokens + sinusoidal_positions(tokens.shape[1], tokens.shape[-1], tokens.device))
+        kept = torch.div(lengths + self.stride - 1, self.stride, rounding_mode="floor")
+        return tokens, torch.arange(tokens.shape[1], device=tokens.device)[None] >= kept[:, None]
 
 
 class Bridge(nn.Module):
@@ -857,7 +1092,8 @@ class Bridge(nn.Module):
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self.expander = nn.Parameter(torch.randn(options["num_queries"], d_model))   # the learnable queries
         self.ff_dim = options["bridge_ff_dim"] or 4 * d_model
-        self.frame_encoder = FrameEncoder(frame_dim, d_model) if options["frame_attention"] else None
+        self.frame_encoder = (FrameEncoder(frame_dim, d_model, options["frame_stride"])
+                              if options["frame_attention"] else None)
         self.output_norm = nn.LayerNorm(d_model) if options["bridge_layernorm"] else nn.Identity()
         # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
         # drowned by its layers' outputs, so the output scale starts at T5's own embedding scale.
@@ -1108,8 +1344,28 @@ class SONARwithT5(nn.Module):
         return self
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """nn.Module's, after renaming the keys of checkpoints saved before bridges were modules."""
-        return super().load_state_dict(upgrade_state_dict(state_dict), strict=strict, assign=assign)
+        """nn.Module's, after renaming the keys of checkpoints saved before bridges were modules and
+        fitting the frame path to the checkpoint's: the guide's Cell 7 builds a default model and loads
+        any best_model.pt into it, with frames or without (before frames were the default), any stride."""
+        state_dict = upgrade_state_dict(state_dict)
+        self.fit_frame_path(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def fit_frame_path(self, state_dict):
+        """Rebuild (or drop) the frame encoder so its shape is the one `state_dict` was saved with."""
+        projection = state_dict.get("bridge.frame_encoder.frame_projection.weight")
+        mean = state_dict.get("bridge.frame_encoder.frame_mean")
+        current = self.bridge.frame_encoder
+        if projection is None:
+            if current is not None:
+                logger.info("This checkpoint was trained without frames (--no-frame_attention): the model reads "
+                            "the sentence embedding only.")
+                self.bridge.frame_encoder, self.options = None, {**self.options, "frame_attention": False}
+            return
+        stride = projection.shape[1] // mean.shape[0]
+        if current is None or current.frame_projection.weight.shape != projection.shape:
+            self.bridge.frame_encoder = FrameEncoder(mean.shape[0], projection.shape[0], stride).to(self.device)
+            self.options = {**self.options, "frame_attention": True, "frame_stride": stride}
 
     # -- encoder and bridge --------------------------------------------------------------------
 
@@ -1242,7 +1498,7 @@ class SONARwithT5(nn.Module):
         model = cls(None, config["t5_model"], config["freeze_encoder"], device,
                     t5=t5_from_config(checkpoint["t5_config"], untied), tokenizer=tokenizer,
                     encoder_dims=config["encoder_dims"], feature_dim=config.get("feature_dim"),
-                    **{k: config.get(k, MODEL_DEFAULTS[k]) for k in MODEL_DEFAULTS})
+                    **{k: config.get(k, PREVIOUS_DEFAULTS.get(k, MODEL_DEFAULTS[k])) for k in MODEL_DEFAULTS})
         load_model_state(model, state, path)
         return model
 
@@ -1394,7 +1650,7 @@ def diagnose_collapse(diagnostics):
     if d["encoder_spread"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the ENCODER: its embeddings of different clips are "
                 f"identical (spread {d['encoder_spread']:.1e}); retrain or unfreeze it "
-                "(--no-freeze_encoder), or add --frame_attention so the bridge sees the frames.")
+                "(--no-freeze_encoder), or let the model read the frames (the default; drop --no-frame_attention).")
     if d["bridge_spread_positions"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the BRIDGE: all query positions carry the same "
                 "vector (attention over one key); use the default --bridge prefix_memory.")
@@ -1550,6 +1806,11 @@ def bridge_learning_rate(args):
     return args.learning_rate * args.bridge_lr_scale if args.bridge_lr_scale else DEFAULT_BRIDGE_LR
 
 
+def frame_source(args):
+    """The dataset keywords that say where frames come from: the frame store (in --cache_dir) or the files."""
+    return {"frame_store": args.frame_store, "cache_dir": args.cache_dir, "frame_cache_gb": args.frame_cache_gb}
+
+
 def data_splits(args):
     """(split, manifest, features folder) of the training and validation data."""
     return (("train", args.train_manifest, args.train_features), ("val", args.val_manifest, args.val_features))
@@ -1623,8 +1884,9 @@ class Trainer:
     SONARwithT5 inside it, used for evaluation and saved without any wrapper prefix.
     """
 
-    def __init__(self, args, world):
+    def __init__(self, args, world, given=frozenset()):
         self.args, self.world = args, world
+        self.given = given          # flags typed on the command line (the others may follow last.pt's)
         self.device = world.device
         self.out = Path(args.output_dir)
         self.precision = resolve_precision(args.precision, self.device)
@@ -1668,7 +1930,7 @@ class Trainer:
             dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
                                       strict=args.strict, return_frames=args.frame_attention,
                                       trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
-                                      frame_cache_gb=args.frame_cache_gb, progress=self.world.is_main)
+                                      **frame_source(args), progress=self.world.is_main)
             dataset.tokenize(self.raw_model.tokenizer, args.max_target_length)
             report_dataset(dataset, manifest)
             lost = dataset.lost_share()
@@ -1709,7 +1971,7 @@ class Trainer:
             return None
         checkpoint = safe_torch_load(path, "resume checkpoint")
         check_model_checkpoint(checkpoint, path, RESUME_KEYS)
-        check_resume_compatible(checkpoint.get("args", {}), self.args, path)
+        check_resume_compatible(checkpoint.get("args", {}), self.args, path, self.given)
         return checkpoint
 
     def restore(self, checkpoint, path):
@@ -2015,9 +2277,17 @@ def load_model_state(model, state_dict, path):
                         f"{missing[:5] or 'none'}; unexpected keys: {result.unexpected_keys[:5] or 'none'})")
 
 
-def check_resume_compatible(saved_args, args, path):
-    differences = [f"--{name} {saved_args.get(name)!r} (now {getattr(args, name)!r})"
-                   for name in ARCHITECTURE_FLAGS if saved_args.get(name) != getattr(args, name)]
+def check_resume_compatible(saved_args, args, path, given=()):
+    """Architecture flags typed on this command line must match last.pt's; the others take last.pt's
+    values (so a run started by an earlier version, whose defaults differed, resumes as it was)."""
+    saved = {name: saved_args.get(name, PREVIOUS_DEFAULTS.get(name)) for name in ARCHITECTURE_FLAGS}
+    adopted = [name for name in ARCHITECTURE_FLAGS if name not in given and saved[name] != getattr(args, name)]
+    for name in adopted:
+        setattr(args, name, saved[name])
+    if adopted:
+        logger.info(f"--resume: as {path} was trained: " + ", ".join(f"--{n} {saved[n]!r}" for n in adopted))
+    differences = [f"--{name} {saved[name]!r} (now {getattr(args, name)!r})"
+                   for name in ARCHITECTURE_FLAGS if saved[name] != getattr(args, name)]
     if differences:
         raise UserError(f"cannot resume from {path}: it was trained with " + ", ".join(differences)
                         + "; rerun with the same flags or use another --output_dir")
@@ -2061,7 +2331,7 @@ def run_check(args):
         try:
             dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
                                       trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
-                                      progress=True)
+                                      **frame_source(args), progress=True)
         except UserError as error:
             ok = False
             print(f"  ERR {error}")
@@ -2096,7 +2366,7 @@ def run_predict(args, given):
     dataset = How2SignDataset(args.manifest, args.features, feature_dim=model.sonar_encoder.input_dim,
                               split="predict", require_text=args.manifest is not None,
                               return_frames=model.options["frame_attention"], trim_zero_frames=args.trim_zero_frames,
-                              feature_fps=args.feature_fps, frame_cache_gb=args.frame_cache_gb, progress=True)
+                              feature_fps=args.feature_fps, **frame_source(args), progress=True)
     report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
     predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(args),
@@ -2335,8 +2605,14 @@ def build_parser():
     g.add_argument("--max_skip_share", type=float, default=0.5,
                    help="stop before training when a split loses more than this share of its manifest rows "
                         "(1: train on whatever is left)")
+    g.add_argument("--frame_store", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the clip files once into a memory-mapped frame store on local disk, which later "
+                        "runs, --resume, --predict and every torchrun process read instead of the files")
+    g.add_argument("--cache_dir", default=None,
+                   help=f"where frame stores live (default ${CACHE_ENV}, else ~/.cache/train_sonar_with_t5: on "
+                        "Colab the VM's local disk, not Drive)")
     g.add_argument("--frame_cache_gb", type=float, default=4.0,
-                   help="--frame_attention: keep up to this many GB of frames in memory (fp16); the rest "
+                   help="--no-frame_store: keep up to this many GB of frames in memory (fp16); the rest "
                         "are read from disk at every step")
 
     g = p.add_argument_group("bridge (see --help of each; the guide's troubleshooting knobs)")
@@ -2360,8 +2636,11 @@ def build_parser():
                    help="standardise the frozen embedding (and frames) with training-set mean/std")
     g.add_argument("--frame_attention", action=argparse.BooleanOptionalAction,
                    default=MODEL_DEFAULTS["frame_attention"],
-                   help="the clip's frames (standardised, with positions) follow the bridge's tokens into T5, "
-                        "and the bridge's queries attend to them too")
+                   help="the clip's frames (standardised, strided, with positions) follow the bridge's tokens "
+                        "into T5, and the bridge's queries attend to them too (--no-frame_attention: the "
+                        "sentence embedding only)")
+    g.add_argument("--frame_stride", type=int, default=MODEL_DEFAULTS["frame_stride"],
+                   help="consecutive frames stacked into one frame token (temporal striding)")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
 
@@ -2439,7 +2718,7 @@ def explicit_flags(argv):
 def validate_args(args):
     """Every problem with the flags at once, before any work starts."""
     problems = []
-    for name in ("epochs", "batch_size", "grad_accum_steps", "num_queries", "num_heads", "bridge_layers",
+    for name in ("epochs", "batch_size", "grad_accum_steps", "num_queries", "num_heads", "bridge_layers", "frame_stride",
                  "memory_tokens", "eval_every", "eval_batch_size", "num_beams", "max_new_tokens",
                  "max_target_length", "max_bad_steps"):
         if getattr(args, name) < 1:
@@ -2462,8 +2741,6 @@ def validate_args(args):
         problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
     if not 0 <= args.max_skip_share <= 1:
         problems.append(f"--max_skip_share must be in [0, 1] (got {args.max_skip_share})")
-    if args.bridge == "prefix" and args.frame_attention:
-        problems.append("--frame_attention needs a bridge with attention: --bridge prefix has none")
     try:
         resolve_device(args.device)
     except UserError as error:
@@ -2524,7 +2801,7 @@ def main(argv=None):
             return run_predict(args, given)
         if args.demo:
             prepare_demo(args, given)
-        trainer = Trainer(args, setup_world(args.device))
+        trainer = Trainer(args, setup_world(args.device), given)
         trainer.setup()
         trainer.fit()
         return 0

@@ -17,12 +17,13 @@ def run(project, *args):
 def test_default_bridge_passes_every_check(project):
     result = run(project)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Probing with 8 clips from manifests/train.tsv" in result.stdout
-    assert result.stdout.count("PASS") == 7 and "FAIL" not in result.stdout
+    assert "Probing with 8 clips from manifests/train.tsv and their frames." in result.stdout
+    assert "PASS  gradients reach the frame path" in result.stdout
+    assert result.stdout.count("PASS") == 8 and "FAIL" not in result.stdout
 
 
 def test_guide_bridge_fails_on_identical_query_positions(project):
-    result = run(project, "--bridge", "guide")
+    result = run(project, "--bridge", "guide", "--no-frame_attention")   # the guide's model as written
     assert result.returncode == 1
     assert "FAIL  bridge outputs differ across query positions" in result.stdout
 

@@ -24,7 +24,7 @@ def test_original_forward_signatures(project_template):
     """model(features, target_texts) -> loss; model(features) -> sentences; zero frames stay out of the mean."""
     model = demo_model(project_template)
     dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
-                                  project_template["root"] / "features/val", return_frames=True, frame_cache_gb=0)
+                                  project_template["root"] / "features/val", return_frames=True, frame_store=False, frame_cache_gb=0)
     frames = [dataset.frames(i) for i in range(4)]
     texts = dataset.texts[:4]
     padded = torch.stack([F.pad(f, (0, 0, 0, 300 - len(f))) for f in frames])     # the original collate
@@ -218,7 +218,7 @@ def test_unreadable_clip_during_frame_attention_keeps_last_epoch(project, monkey
         (project / "features/train/demo_train_00007.npy").write_bytes(b"gone")   # Drive hiccup after epoch 1
 
     monkeypatch.setattr(tsw.Trainer, "save_last", save_then_lose_a_clip)
-    code = tsw.main(quick_flags(project, out, "--epochs", "2", "--frame_attention", "--frame_cache_gb", "0"))
+    code = tsw.main(quick_flags(project, out, "--epochs", "2", "--no-frame_store", "--frame_cache_gb", "0"))
     assert code == 2
     line = one_error_line(capsys)
     assert "demo_train_00007.npy: could not read this clip again" in line and "--resume" in line

@@ -127,7 +127,7 @@ def test_collapse_diagnosis_names_the_stage(overfit, project_template):
     collapsed = tsw.collapse_diagnostics(model, dataset, [healthy[0]] * 6, references, max_clips=6)
     assert "DECODER" in tsw.diagnose_collapse(collapsed)
     # The guide's bridge: identical query positions.
-    guide = tiny_model(project_template, bridge="guide", bridge_layernorm=False)
+    guide = tiny_model(project_template, bridge="guide", bridge_layernorm=False, frame_attention=False)   # the guide as written
     dataset.sentence_embeddings = tsw.encode_dataset(guide, dataset)
     stats = tsw.collapse_diagnostics(guide, dataset, ["same"] * 6, references, max_clips=6)
     assert stats["bridge_spread_positions"] < 1e-4

@@ -59,15 +59,19 @@ def test_users_tsv_spans_end_where_the_next_sentence_starts(layouts):
             i = dataset.ids.index(f"{video}@{start / FPS:.2f}s")
             assert (dataset.first_frames[i], int(dataset.lengths[i])) == (start, end - start)
             assert torch.allclose(dataset.clip_means[i], torch.from_numpy(frames[start:end].mean(0)), atol=1e-5)
-    # every file read once, not once per sentence
+    # every file read once, not once per sentence; and with the frame store built above, not at all
     reads = []
     original = tsw.load_clip_features
     try:
         tsw.load_clip_features = lambda path: reads.append(path) or original(path)
-        tsw.How2SignDataset(videos_root / "manifests/train.tsv", videos_root / "features/train", feature_fps=FPS)
+        tsw.How2SignDataset(videos_root / "manifests/train.tsv", videos_root / "features/train", feature_fps=FPS,
+                            frame_store=False)
+        assert len(reads) == len(files) == 5
+        again = tsw.How2SignDataset(videos_root / "manifests/train.tsv", videos_root / "features/train",
+                                    feature_fps=FPS)
+        assert len(reads) == 5 and again.ids == dataset.ids
     finally:
         tsw.load_clip_features = original
-    assert len(reads) == len(files) == 5
 
 
 def test_without_feature_fps_check_names_the_cause(layouts, capsys, monkeypatch):
@@ -101,7 +105,7 @@ def test_training_predicting_and_frames_on_spans(layouts, tmp_path, capsys):
     _, root = layouts
     out = tmp_path / "spans"
     flags = quick_flags(root, out, "--epochs", "2", "--feature_fps", str(FPS), "--frame_attention",
-                        "--frame_cache_gb", "0")          # frames streamed: read from each video again
+                        "--no-frame_store", "--frame_cache_gb", "0")   # frames streamed: read from each video again
     assert tsw.main(flags) == 0
     predictions = (out / "best_predictions.tsv").read_text().splitlines()[1:]
     assert len(predictions) == 15 and all("@" in row.split("\t")[0] for row in predictions)

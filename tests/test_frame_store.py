@@ -1,0 +1,161 @@
+"""The frame store: clip files read once into a memory-mapped store on local disk, never stale."""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import quick_flags, tsw
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """Counts, per file name, every read of a clip file by the tool."""
+    counts = Counter()
+    real = tsw.load_clip_features
+
+    def counting(path):
+        counts[os.path.basename(path)] += 1
+        return real(path)
+
+    monkeypatch.setattr(tsw, "load_clip_features", counting)
+    return counts
+
+
+def dataset(root, cache, split="val", **kwargs):
+    return tsw.How2SignDataset(root / f"manifests/{split}.tsv", root / f"features/{split}", cache_dir=cache, **kwargs)
+
+
+def test_second_dataset_reads_the_store_and_its_frames_are_the_files(project, tmp_path, opens):
+    cache = tmp_path / "cache"
+    first = dataset(project, cache)
+    assert sum(opens.values()) == 12 and set(opens.values()) == {1}        # every clip file read once
+    stores = [p for p in (cache / "frames").iterdir() if p.is_dir()]
+    assert len(stores) == 1 and (stores[0] / "meta.json").is_file()
+    assert (stores[0] / "frames.f16").stat().st_size == 2 * int(first.lengths.sum()) * first.feature_dim
+    opens.clear()
+    second = dataset(project, cache)
+    assert sum(opens.values()) == 0                                         # no clip file opened
+    assert second.ids == first.ids and torch.equal(second.lengths, first.lengths)
+    assert torch.equal(second.clip_means, first.clip_means)
+    for i in range(len(second)):
+        exact = tsw.load_clip_features(project / f"features/val/{second.ids[i]}.npy")
+        assert torch.allclose(second.frames(i), exact, atol=2e-3 * exact.abs().max())   # fp16 residuals
+        assert torch.equal(second.frames(i), first.frames(i))
+
+
+def test_a_rewritten_clip_file_is_read_again(project, tmp_path, opens):
+    cache = tmp_path / "cache"
+    before = dataset(project, cache)
+    path = project / "features/val" / f"{before.ids[3]}.npy"
+    values = np.load(path)
+    np.save(path, values + 1.0)                                             # other values, same shape
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))   # even on a coarse clock
+    opens.clear()
+    after = dataset(project, cache)
+    assert sum(opens.values()) == 12                                        # a new store, every file read
+    assert torch.allclose(after.clip_means[3], before.clip_means[3] + 1.0, atol=1e-5)
+    assert torch.allclose(after.frames(3), torch.from_numpy(values + 1.0), atol=2e-3 * (np.abs(values).max() + 1))
+
+
+def test_trimming_and_fps_are_part_of_the_fingerprint(project, tmp_path, opens):
+    cache = tmp_path / "cache"
+    dataset(project, cache)
+    opens.clear()
+    dataset(project, cache, trim_zero_frames=False)
+    assert sum(opens.values()) == 12
+
+
+def test_a_killed_build_leaves_no_store_that_looks_complete(project, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real, calls = tsw.scan_file, []
+
+    def dies_midway(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tsw, "scan_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        dataset(project, cache, io_threads=1)
+    assert not [p for p in (cache / "frames").iterdir() if (p / "meta.json").exists()]
+    assert not [p for p in (cache / "frames").iterdir() if ".building-" in p.name]     # cleaned up
+    monkeypatch.setattr(tsw, "scan_file", real)
+    rebuilt = dataset(project, cache)
+    assert len(rebuilt) == 12
+
+
+def test_not_enough_disk_is_one_line_and_outputs_stay(project, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    monkeypatch.setattr(tsw.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    code = tsw.main(quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache")))
+    printed = capsys.readouterr().out
+    assert code == 2
+    line = [l for l in printed.splitlines() if l.startswith("error:")][0]
+    assert "not enough disk space for the frame store in" in line and str(tmp_path / "cache") in line
+    assert "GB" in line and "--cache_dir" in line
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_default_run_then_another_run_and_predict_open_no_clip_file(project, tmp_path, opens):
+    cache = str(tmp_path / "cache")
+    first = tmp_path / "first"
+    assert tsw.main(quick_flags(project, first, "--epochs", "1", "--cache_dir", cache)) == 0
+    assert len(opens) == 48 + 12 and set(opens.values()) == {1}   # every train and val clip read once
+    config = tsw.SONARwithT5.from_checkpoint(first / "best_model.pt").config_dict()
+    assert config["frame_attention"] and config["frame_stride"] == tsw.MODEL_DEFAULTS["frame_stride"]
+    opens.clear()
+    assert tsw.main(quick_flags(project, tmp_path / "second", "--epochs", "1", "--cache_dir", cache)) == 0
+    assert sum(opens.values()) == 0
+    assert tsw.main(["--predict", "--checkpoint", str(first / "best_model.pt"), "--features",
+                     str(project / "features/val"), "--manifest", str(project / "manifests/val.tsv"),
+                     "--cache_dir", cache, "--device", "cpu"]) == 0
+    assert sum(opens.values()) == 0
+    assert json.loads((first / "results.json").read_text())["val_clips"] == 12
+
+
+def test_previous_version_checkpoints_load_and_resume(project, tmp_path, capsys):
+    """A run of the previous version (no frames, nothing recorded about a stride): Cell 7's default model
+    loads its best_model.pt, --predict rebuilds it, and --resume with the same command line continues it."""
+    out = tmp_path / "old"
+    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"))
+    assert tsw.main(flags + ["--no-frame_attention"]) == 0
+    for name in ("best_model.pt", "last.pt"):     # as the previous version wrote them
+        checkpoint = torch.load(out / name)
+        del checkpoint["model_config"]["frame_stride"]
+        del checkpoint["args"]["frame_stride"]
+        checkpoint["args"]["frame_attention"] = checkpoint["model_config"]["frame_attention"] = False
+        torch.save(checkpoint, out / name)
+    model = tsw.SONARwithT5(sonar_checkpoint=str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                            t5_model_name=str(project / "t5-small"), device="cpu")        # Cell 7: the defaults
+    assert model.bridge.frame_encoder is not None
+    model.load_state_dict(torch.load(out / "best_model.pt")["model_state_dict"])
+    assert model.bridge.frame_encoder is None and not model.options["frame_attention"]
+    rebuilt = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    assert rebuilt.bridge.frame_encoder is None
+    capsys.readouterr()
+    resumed = [f if f != "1" else "2" for f in flags]                       # --epochs 2, frames not typed
+    assert tsw.main(resumed + ["--resume"]) == 0
+    assert "--resume: as" in capsys.readouterr().out
+    assert [m["epoch"] for m in tsw.read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert not tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").options["frame_attention"]
+
+
+def test_a_default_model_loads_a_checkpoint_with_another_stride(project, tmp_path):
+    out = tmp_path / "stride2"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "2",
+                                "--cache_dir", str(tmp_path / "cache"))) == 0
+    state = torch.load(out / "best_model.pt")["model_state_dict"]
+    model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                            str(project / "t5-small"), device="cpu")
+    model.load_state_dict(state)
+    assert model.bridge.frame_encoder.stride == 2 and model.options["frame_stride"] == 2
+    assert torch.equal(model.bridge.frame_encoder.frame_projection.weight,
+                       state["bridge.frame_encoder.frame_projection.weight"])
