@@ -32,6 +32,7 @@ import contextlib
 import csv
 import errno
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -1115,6 +1116,12 @@ class Bridge(nn.Module):
     def attention_bridge(self):
         return self.blocks[0].attention if self.uses_attention else None
 
+    @property
+    def projection(self):
+        """The original module's `projection`: the layer that first maps the sentence embedding towards
+        T5's width (memory tokens, or the prefix MLP's first layer)."""
+        return self.memory_projection if hasattr(self, "memory_projection") else self.prefix_mlp[0]
+
     @torch.no_grad()
     def fit_standardizer(self, embeddings, frame_mean=None, frame_std=None):
         """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints)."""
@@ -1334,6 +1341,11 @@ class SONARwithT5(nn.Module):
         return self.bridge.attention_bridge
 
     @property
+    def projection(self):
+        """The original module's name for the layer from the sentence embedding into T5's width."""
+        return self.bridge.projection
+
+    @property
     def device(self):
         return self.expander.device
 
@@ -1433,6 +1445,13 @@ class SONARwithT5(nn.Module):
         encoded = self.tokenizer(list(texts), max_length=max_length, truncation=max_length is not None,
                                  padding=True, return_tensors="pt")
         return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+
+    def as_batch(self, batch):
+        """This module's batch dict from the original collate_fn's ({"video_ids", "features", "texts"})."""
+        if "texts" in batch and "features" in batch:
+            return {**self.batch_from_features(batch["features"]), "id": list(batch["video_ids"]),
+                    "text": list(batch["texts"])}
+        return batch
 
     def batch_from_features(self, features):
         """A batch dict from zero-padded frames (B, T, D): each clip ends at its last non-zero frame."""
@@ -1576,17 +1595,35 @@ def translate(model, batches, gen_kwargs, precision="fp32", with_loss=True, prog
 
 
 def corpus_scores(predictions, references):
-    """BLEU-4, chrF (sacreBLEU) and BLEU-1..4, with the BLEU signature."""
+    """BLEU-4, chrF (sacreBLEU), BLEU-1..4 and ROUGE-L (None without rouge-score), with the BLEU signature."""
     from sacrebleu.metrics import BLEU, CHRF
 
     if not predictions:
-        return {"bleu": 0.0, "chrf": 0.0, "bleu_n": [0.0] * 4, "signature": ""}
+        return {"bleu": 0.0, "chrf": 0.0, "bleu_n": [0.0] * 4, "rouge_l": None, "signature": ""}
     bleu = BLEU()
     score = bleu.corpus_score(predictions, [references])
     bleu_n = [BLEU(max_ngram_order=n, effective_order=n < 4).corpus_score(predictions, [references]).score
               for n in range(1, 5)]
     return {"bleu": score.score, "chrf": CHRF().corpus_score(predictions, [references]).score,
-            "bleu_n": bleu_n, "signature": str(bleu.get_signature())}
+            "bleu_n": bleu_n, "rouge_l": rouge_l(predictions, references), "signature": str(bleu.get_signature())}
+
+
+ROUGE_SIGNATURE = "rouge-score rougeL F1 x 100, mean over sentences, no stemming"
+
+
+def rouge_l(predictions, references):
+    """Sentence-level ROUGE-L F1 averaged over the corpus, x 100 (Google's rouge-score, as SLT papers
+    report it); None, with a note once, when the package is missing."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        if not getattr(rouge_l, "warned", False):
+            logger.info("rouge-score not installed: no ROUGE-L (pip install rouge-score).")
+            rouge_l.warned = True
+        return None
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return 100 * sum(scorer.score(reference, prediction)["rougeL"].fmeasure
+                     for prediction, reference in zip(predictions, references)) / len(predictions)
 
 
 def score_predictions(predictions):
@@ -1599,6 +1636,38 @@ def evaluate_model(model, loader, device, gen_kwargs=None):
     predictions, loss_sum, tokens = translate(model, loader, gen_kwargs or generation_kwargs(DECODING_DEFAULTS))
     return score_predictions(predictions)["bleu"], loss_sum / max(tokens, 1), \
         [(p.reference, p.prediction) for p in predictions]
+
+
+def evaluate(model, val_loader, device=None):
+    """The original module's evaluation: (BLEU, predictions, references) over a loader of its
+    collate_fn's batches ({"video_ids", "features", "texts"}) or of this module's."""
+    model = getattr(model, "module", model)
+    predictions, _, _ = translate(model, (model.as_batch(batch) for batch in val_loader),
+                                  generation_kwargs(DECODING_DEFAULTS), with_loss=False)
+    hypotheses, references = [p.prediction for p in predictions], [p.reference for p in predictions]
+    return corpus_scores(hypotheses, references)["bleu"], hypotheses, references
+
+
+def train_epoch(model, train_loader, optimizer, scheduler, epoch, device=None, max_grad_norm=1.0):
+    """The original module's training epoch: one optimizer step per batch (its collate_fn's or this
+    module's), gradients clipped to `max_grad_norm`; returns the mean loss."""
+    raw = getattr(model, "module", model)
+    model.train()
+    total, batches = 0.0, 0
+    for batch in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
+        batch = raw.as_batch(batch)
+        if "labels" not in batch:
+            batch["labels"] = raw.labels_from_texts(batch["text"], max_length=128)
+        loss, _ = model(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += float(loss.detach())
+        batches += 1
+    return total / max(batches, 1)
 
 
 def mean_pairwise_cosine(vectors):
@@ -1831,9 +1900,47 @@ def report_dataset(dataset, manifest):
                 f"up to {dataset.max_frames} frames) from {manifest}")
 
 
-def write_predictions(path, predictions):
-    atomic_write_text(path, "id\treference\tprediction\n" + "".join(
+def write_best_predictions(out, predictions):
+    """best_predictions.tsv (id, reference, prediction) and the original module's best_predictions.txt
+    ("GT: ..." / "Pred: ..." pairs, a blank line between), each written atomically."""
+    atomic_write_text(Path(out) / "best_predictions.tsv", "id\treference\tprediction\n" + "".join(
         f"{clean(p.id)}\t{clean(p.reference)}\t{clean(p.prediction)}\n" for p in predictions))
+    atomic_write_text(Path(out) / "best_predictions.txt", "".join(
+        f"GT: {clean(p.reference)}\nPred: {clean(p.prediction)}\n\n" for p in predictions))
+
+
+def score_record(scores):
+    """An evaluation's scores as metrics.jsonl fields."""
+    return {"val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
+            **{f"val_bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
+            **({"val_rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {})}
+
+
+def selection_key(record, metric):
+    """What "better" means for the best model and --patience: the metric, then the lower loss."""
+    loss = -record["val_loss"]
+    if metric == "loss":
+        return (loss,)
+    return (record.get(f"val_{metric}", record["val_bleu"] if metric == "bleu" else -math.inf), loss)
+
+
+def bleurt_score(predictions, references, checkpoint, device, batch_size=32):
+    """Mean BLEURT (the bleurt-pytorch port of Google's metric) of predictions against references."""
+    from bleurt_pytorch import BleurtForSequenceClassification, BleurtTokenizer
+
+    try:
+        tokenizer = BleurtTokenizer.from_pretrained(checkpoint)
+        model = BleurtForSequenceClassification.from_pretrained(checkpoint).to(device).eval()
+    except (OSError, ValueError) as error:
+        raise UserError(f"--bleurt {checkpoint}: cannot load it ({first_line(error)}); pass a BLEURT-PyTorch "
+                        "checkpoint (hub name or folder), e.g. lucadiliello/BLEURT-20-D12") from None
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(predictions), batch_size):
+            inputs = tokenizer(references[i: i + batch_size], predictions[i: i + batch_size], padding="longest",
+                               truncation=True, max_length=512, return_tensors="pt").to(device)
+            scores += model(**inputs).logits.flatten().tolist()
+    return sum(scores) / max(len(scores), 1)
 
 
 def plot_training_curves(metrics, path):
@@ -1873,8 +1980,9 @@ class TrainState:
     global_step: int = 0        # optimizer steps
     loss_sum: float = 0.0       # running train loss of the current epoch (token-weighted)
     token_sum: int = 0
-    best: dict | None = None    # {"epoch", "val_bleu", "val_loss"}
+    best: dict | None = None    # {"epoch", "val_bleu", "val_chrf", "val_loss"}
     skipped_steps: int = 0      # non-finite steps skipped in all
+    stale_evals: int = 0        # evaluations since the selection metric last improved (--patience)
 
 
 class Trainer:
@@ -1892,7 +2000,7 @@ class Trainer:
         self.precision = resolve_precision(args.precision, self.device)
         self.state = TrainState()
         self.metrics = []
-        self.tensorboard = None
+        self.reporter = None
         self.best_eval = None       # (predictions, loss, scores) of the best epoch, when it covered every clip
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -1921,7 +2029,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         if self.world.is_main:
             save_t5_export(self.raw_model.t5, self.raw_model.tokenizer, self.out / "t5_export", weights=False)
-            self.start_tensorboard()
+            self.reporter = RunReporter(report_backends(args.report_to), self.out, args, resume=args.resume)
 
     def load_datasets(self):
         args, encoder_dim = self.args, self.raw_model.sonar_encoder.input_dim
@@ -1930,7 +2038,7 @@ class Trainer:
             dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
                                       strict=args.strict, return_frames=args.frame_attention,
                                       trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
-                                      **frame_source(args), progress=self.world.is_main)
+                                      max_samples=args.max_samples, **frame_source(args), progress=self.world.is_main)
             dataset.tokenize(self.raw_model.tokenizer, args.max_target_length)
             report_dataset(dataset, manifest)
             lost = dataset.lost_share()
@@ -2008,11 +2116,16 @@ class Trainer:
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 record.update(self.evaluate_epoch(epoch))
             record["seconds"] = round(time.time() - started, 2)
-            self.state = TrainState(epoch=epoch + 1, global_step=self.state.global_step,
-                                    best=self.state.best, skipped_steps=self.state.skipped_steps)
+            self.state = TrainState(epoch=epoch + 1, global_step=self.state.global_step, best=self.state.best,
+                                    skipped_steps=self.state.skipped_steps, stale_evals=self.state.stale_evals)
             if self.world.is_main:
                 self.record_metrics(record)
                 self.save_last()
+            if args.patience and self.state.stale_evals >= args.patience:
+                logger.info(f"Early stopping after epoch {epoch + 1}: validation {args.early_stopping_metric} has not "
+                            f"improved for {self.state.stale_evals} evaluations (--patience {args.patience}); best "
+                            f"epoch {self.state.best['epoch']}.")
+                break
         self.world.barrier()
         return self.finish()
 
@@ -2116,12 +2229,14 @@ class Trainer:
         predictions, loss, scores, full = self.evaluate(full=False)
         diagnostics = collapse_diagnostics(self.raw_model, self.val_set, [p.prediction for p in predictions],
                                            [p.reference for p in predictions])
-        record = {"val_loss": loss, "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
-                  "eval_clips": len(predictions), **diagnostics}
+        record = {"val_loss": loss, **score_record(scores), "eval_clips": len(predictions), **diagnostics}
         best = self.state.best
-        improved = best is None or (scores["bleu"], -loss) > (best["val_bleu"], -best["val_loss"])
+        metric = self.args.early_stopping_metric
+        improved = best is None or selection_key(record, metric) > selection_key(best, metric)
+        self.state.stale_evals = 0 if improved else self.state.stale_evals + 1
         if improved:  # every process tracks the best; only the main one writes it
-            self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_loss": loss}
+            self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
+                               "val_loss": loss}
             self.best_eval = (predictions, loss, scores) if full else None
         if self.world.is_main:
             self.report(epoch, record, scores, predictions, diagnostics)
@@ -2129,13 +2244,15 @@ class Trainer:
                 atomic_torch_save(model_checkpoint(self.raw_model, self.args, epoch=epoch + 1,
                                                    val_bleu=scores["bleu"], val_loss=loss), self.out / "best_model.pt")
                 if full:
-                    write_predictions(self.out / "best_predictions.tsv", predictions)
+                    write_best_predictions(self.out, predictions)
                 logger.info(f"  new best (BLEU {scores['bleu']:.2f}): saved {self.out / 'best_model.pt'}")
         return record
 
     def report(self, epoch, record, scores, predictions, diagnostics):
+        rouge = f" | ROUGE-L {scores['rouge_l']:.2f}" if scores["rouge_l"] is not None else ""
         logger.info(f"epoch {epoch + 1}/{self.args.epochs}: val loss {record['val_loss']:.4f} | "
-                    f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | "
+                    f"BLEU {scores['bleu']:.2f} (BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | "
+                    f"chrF {scores['chrf']:.2f}{rouge} | "
                     f"distinct predictions {diagnostics['distinct_share']:.0%} "
                     f"({record['eval_clips']} clips)")
         logger.info(f"  sacreBLEU {scores['signature']}")
@@ -2161,38 +2278,50 @@ class Trainer:
         sentences = [p.prediction for p in predictions]
         results = {"best_epoch": self.state.best["epoch"], "val_bleu": scores["bleu"],
                    **{f"bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
-                   "val_chrf": scores["chrf"], "val_loss": loss, "signature": scores["signature"],
+                   "val_chrf": scores["chrf"], "val_rouge_l": scores["rouge_l"], "val_loss": loss,
+                   "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
                    "distinct_share": len(set(sentences)) / max(len(sentences), 1),
-                   "val_clips": len(predictions), "skipped_steps": self.state.skipped_steps}
+                   "val_clips": len(predictions), "skipped_steps": self.state.skipped_steps,
+                   "epochs_trained": self.state.epoch, "selection_metric": self.args.early_stopping_metric}
+        if self.args.bleurt:
+            results["val_bleurt"] = bleurt_score(sentences, [p.reference for p in predictions], self.args.bleurt,
+                                                 self.device, self.args.eval_batch_size)
         if self.world.is_main:
-            write_predictions(self.out / "best_predictions.tsv", predictions)
+            write_best_predictions(self.out, predictions)
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
             save_t5_export(self.raw_model.t5, self.raw_model.tokenizer, self.out / "t5_export", weights=True)
             logger.info(f"Best epoch {results['best_epoch']}: BLEU {results['val_bleu']:.2f} "
                         f"(BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | chrF "
                         f"{results['val_chrf']:.2f} | distinct {results['distinct_share']:.0%} | "
                         f"{scores['signature']}")
-            logger.info(f"Wrote {best_path}, best_predictions.tsv, results.json, metrics.jsonl and "
-                        f"t5_export/ in {self.out}")
-            if self.tensorboard:
-                self.tensorboard.close()
+            if results.get("val_rouge_l") is not None or "val_bleurt" in results:
+                logger.info("  " + " | ".join(([f"ROUGE-L {results['val_rouge_l']:.2f} ({ROUGE_SIGNATURE})"]
+                                               if results.get("val_rouge_l") is not None else [])
+                                              + ([f"BLEURT {results['val_bleurt']:.4f} ({self.args.bleurt})"]
+                                                 if "val_bleurt" in results else [])))
+            logger.info(f"Wrote {best_path}, best_predictions.tsv/.txt, results.json, metrics.jsonl, "
+                        f"training_log.json and t5_export/ in {self.out}")
+            if self.reporter:
+                self.reporter.finish(results, [self.out / name for name in (
+                    "results.json", "best_predictions.tsv", "metrics.jsonl", "training_curves.png", "train.log")])
         return results
 
     # -- outputs ---------------------------------------------------------------------------------
 
     def write_metrics(self):
-        """metrics.jsonl rewritten whole and renamed into place: a kill never cuts a line."""
+        """metrics.jsonl rewritten whole and renamed into place: a kill never cuts a line; beside it the
+        original module's training_log.json ([{"epoch", "train_loss", "val_bleu"}, ...])."""
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+        atomic_write_text(self.out / "training_log.json", json.dumps(
+            [{"epoch": m["epoch"], "train_loss": m["train_loss"], "val_bleu": m.get("val_bleu")} for m in self.metrics],
+            indent=2) + "\n")
 
     def record_metrics(self, record):
         self.metrics.append(record)
         self.write_metrics()
         plot_training_curves(self.metrics, self.out / "training_curves.png")
-        if self.tensorboard:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tensorboard.add_scalar(key, value, record["epoch"])
-            self.tensorboard.flush()
+        if self.reporter:
+            self.reporter.log(record, record["epoch"])
 
     def save_last(self):
         atomic_torch_save(model_checkpoint(
@@ -2200,13 +2329,121 @@ class Trainer:
             scheduler_state_dict=self.scheduler.state_dict(), scaler_state_dict=self.scaler.state_dict(),
             train_state=vars(self.state).copy(), rng=rng_state()), self.out / "last.pt")
 
-    def start_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            logger.info("TensorBoard not installed: no event files (pip install tensorboard).")
-            return
-        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+# ----------------------------------------------------------------------------------------------
+# Experiment tracking (--report_to, the Hugging Face Trainer's convention): params once, metrics per
+# evaluation, results and predictions as artifacts. Each backend is an optional package.
+
+REPORT_BACKENDS = ("tensorboard", "mlflow", "wandb")
+REPORT_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
+                   "wandb": ("wandb", "wandb")}
+
+
+def report_backends(report_to):
+    """The installed backends a --report_to value names ('all': every installed one; 'none': none).
+    One the user typed is checked before training (validate_args); the default's is skipped with a note."""
+    names = list(dict.fromkeys(report_to))
+    if "none" in names:
+        return []
+    available = []
+    for name in REPORT_BACKENDS if "all" in names else names:
+        missing = backend_missing(name)
+        if missing and "all" not in names:
+            logger.info(f"{missing}: not reporting to {name}.")
+        elif not missing:
+            available.append(name)
+    return available
+
+
+def backend_missing(name):
+    """None when the backend's package imports, else the one-line message saying how to get it."""
+    module, package = REPORT_PACKAGES[name]
+    try:
+        __import__(module)
+    except ImportError:
+        return f"--report_to {name} needs the {package} package: pip install {package} (or leave {name} out of --report_to)"
+    return None
+
+
+def flat_params(args):
+    """The run's flags as strings, for a tracker's parameter table."""
+    return {key: str(value)[:500] for key, value in sorted(vars(args).items())}
+
+
+class RunReporter:
+    """Sends one run to the trackers --report_to names. A run resumed with --resume continues the same
+    tracked run (its id is kept in <output_dir>/tracking_ids.json)."""
+
+    def __init__(self, backends, out, args, resume=False):
+        self.out, self.backends = Path(out), {}
+        ids_path = self.out / "tracking_ids.json"
+        ids = json.loads(ids_path.read_text()) if resume and ids_path.is_file() else {}
+        for name in backends:
+            self.backends[name] = getattr(self, f"start_{name}")(args, ids.get(name))
+        ids = {name: run_id for name, (_, run_id) in self.backends.items() if run_id}
+        if ids:
+            atomic_write_text(ids_path, json.dumps(ids) + "\n")
+        for name in self.backends:
+            logger.info(f"Reporting to {name}" + {"tensorboard": f" ({self.out / 'tensorboard'})",
+                                                  "mlflow": " (see it with: mlflow ui)"}.get(name, ""))
+
+    def start_tensorboard(self, args, run_id):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.out / "tensorboard"))
+        writer.add_text("params", "\n".join(f"    {k}: {v}" for k, v in flat_params(args).items()))
+        return writer, None
+
+    def start_mlflow(self, args, run_id):
+        import mlflow
+
+        if run_id is None:
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "train_sonar_with_t5"))
+            run = mlflow.start_run(run_name=self.out.name)
+            mlflow.log_params(flat_params(args))
+        else:
+            run = mlflow.start_run(run_id=run_id)
+        return mlflow, run.info.run_id
+
+    def start_wandb(self, args, run_id):
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "train_sonar_with_t5"), name=self.out.name,
+                         dir=str(self.out), config=flat_params(args), id=run_id, resume="allow" if run_id else None)
+        return run, run.id
+
+    def log(self, record, step):
+        """Numeric values of one evaluation's record, at step `step` (the epoch)."""
+        metrics = {k: float(v) for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
+        for name, (client, _) in self.backends.items():
+            if name == "tensorboard":
+                for key, value in metrics.items():
+                    client.add_scalar(key, value, step)
+                client.flush()
+            elif name == "mlflow":
+                client.log_metrics(metrics, step=step)
+            else:
+                client.log(metrics, step=step)
+
+    def finish(self, results, artifacts):
+        """Final scores and the output files (those that exist) as artifacts; closes every run."""
+        finals = {f"best_{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
+        files = [str(path) for path in artifacts if Path(path).is_file()]
+        for name, (client, _) in self.backends.items():
+            if name == "tensorboard":
+                client.add_text("results", json.dumps(results, indent=2))
+                client.close()
+            elif name == "mlflow":
+                client.log_metrics(finals)
+                for path in files:
+                    client.log_artifact(path)
+                client.end_run()
+            else:
+                client.summary.update(finals)
+                for path in files:
+                    client.save(path, base_path=str(self.out), policy="now")
+                client.finish()
+        self.backends = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2331,7 +2568,7 @@ def run_check(args):
         try:
             dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
                                       trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
-                                      **frame_source(args), progress=True)
+                                      max_samples=args.max_samples, **frame_source(args), progress=True)
         except UserError as error:
             ok = False
             print(f"  ERR {error}")
@@ -2602,6 +2839,9 @@ def build_parser():
     g.add_argument("--feature_fps", type=float, default=None,
                    help="feature files hold whole VIDEOS at this many feature frames per second: each manifest "
                         "row becomes its own sample, its time span cut from its video's file")
+    g.add_argument("--max_samples", type=int, default=None,
+                   help="use only the first N clips of the train and of the validation set (the original's "
+                        "flag, for quick tests)")
     g.add_argument("--max_skip_share", type=float, default=0.5,
                    help="stop before training when a split loses more than this share of its manifest rows "
                         "(1: train on whatever is left)")
@@ -2689,6 +2929,20 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature (with --do_sample)")
     g.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling (with --do_sample)")
 
+    g.add_argument("--patience", type=int, default=0,
+                   help="early stopping: stop after this many evaluations without improvement of "
+                        "--early_stopping_metric (0: never)")
+    g.add_argument("--early_stopping_metric", choices=("bleu", "chrf", "loss"), default="bleu",
+                   help="what picks best_model.pt and counts for --patience (ties: lower validation loss)")
+    g.add_argument("--bleurt", default=None, metavar="CHECKPOINT",
+                   help="also score the best model with BLEURT (needs the bleurt-pytorch package), e.g. "
+                        "lucadiliello/BLEURT-20-D12")
+    g.add_argument("--report_to", nargs="+", choices=("tensorboard", "mlflow", "wandb", "all", "none"),
+                   default=["tensorboard"],
+                   help="experiment trackers (Hugging Face Trainer's convention): params once, metrics per "
+                        "evaluation, results and predictions as artifacts. mlflow follows MLFLOW_TRACKING_URI "
+                        "and MLFLOW_EXPERIMENT_NAME, wandb WANDB_PROJECT")
+
     g = p.add_argument_group("reliability")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N steps")
@@ -2723,7 +2977,15 @@ def validate_args(args):
                  "max_target_length", "max_bad_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers",
+    if args.max_samples is not None and args.max_samples < 1:
+        problems.append(f"--max_samples must be at least 1 (got {args.max_samples})")
+    if not args.check and not args.predict:
+        explicit = [name for name in dict.fromkeys(args.report_to) if name in REPORT_BACKENDS]
+        problems += [message for message in map(backend_missing, explicit) if message]
+        if args.bleurt and importlib.util.find_spec("bleurt_pytorch") is None:
+            problems.append("--bleurt needs the bleurt-pytorch package: pip install "
+                            "git+https://github.com/lucadiliello/bleurt-pytorch.git (or leave out --bleurt)")
+    for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
                  "bridge_ff_dim", "no_repeat_ngram_size", "frame_cache_gb"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
