@@ -425,12 +425,18 @@ def assign_spans(rows, path):
 # mean frame, its length and, within the frame-cache budget, its frames
 
 
-def find_feature_file(features_dir, stem):
-    for suffix in FEATURE_SUFFIXES:
-        candidate = Path(features_dir) / f"{stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+def feature_files(features_dir):
+    """{file name without extension: path} of the clip files in a folder, from one listing (one call on
+    Google Drive instead of a lookup per clip); .npy wins over .pt of the same name."""
+    found = {}
+    if not Path(features_dir).is_dir():
+        raise UserError(f"features folder not found: {features_dir}")
+    with os.scandir(features_dir) as entries:
+        for entry in entries:
+            stem, suffix = os.path.splitext(entry.name)
+            if suffix in FEATURE_SUFFIXES and (stem not in found or suffix == FEATURE_SUFFIXES[0]):
+                found[stem] = Path(entry.path)
+    return found
 
 
 @dataclass
@@ -527,7 +533,7 @@ class FrameStore:
             except OSError:
                 return None
         paths = sorted(spans_by_file)          # any order of the same clips (a manifest, --predict's folder)
-        with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:   # stats on Google Drive are slow too
+        with ThreadPoolExecutor(max_workers=max(4 * io_threads, 1)) as pool:   # stats on Google Drive wait too
             stats = list(pool.map(stat, paths))
         payload = [FRAME_STORE_VERSION, bool(trim_zero_frames), fps,
                    [[os.path.abspath(path), info, spans_by_file[path]] for path, info in zip(paths, stats)]]
@@ -766,7 +772,7 @@ class How2SignDataset(Dataset):
         kept = self._unique(kept)
         if max_samples:
             kept = kept[:max_samples]
-        files = defaultdict(list)            # feature file -> its rows, so each file is read once
+        files, listing = defaultdict(list), None     # feature file -> its rows, so each file is read once
         for row in kept:
             if row.features:
                 path = row.features
@@ -774,7 +780,8 @@ class How2SignDataset(Dataset):
                 raise UserError(f"{manifest}: rows have no 'features' path; pass the features folder")
             else:
                 stem = row.file_stem(spans=bool(feature_fps))
-                found = find_feature_file(features_dir, stem)
+                listing = listing if listing is not None else feature_files(features_dir)
+                found = listing.get(stem)
                 path = str(found) if found else str(Path(features_dir) / f"{stem}.npy|.pt")
             files[path].append(row)
         spans_by_file = {path: [(row.start, row.end) if feature_fps else None for row in file_rows]

@@ -2,16 +2,17 @@
 
     python bench/throughput.py                                  # CPU: tiny and t5-small shapes
     python bench/throughput.py --device cuda --shapes t5-small  # GPU (bf16 autocast)
-    python bench/throughput.py --frames --shapes tiny            # --frame_attention: cached vs streamed frames
+    python bench/throughput.py --frames --shapes tiny            # frames: from the frame store vs read each step
 
 Ours and bare are each measured twice, alternating, and keep their best rate. Same process, same
 generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
 same real-English targets, same batch size:
-  ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it (cached frozen-encoder
+  ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it, default flags (frames read by
+            T5 and the bridge, from the frame store; `without frames`: --no-frame_attention; cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
             clipping, scheduler). Timed by its optimizer steps.
-  bare      T5 forward + backward + AdamW alone, on the same label batches and inputs_embeds of
-            the same shape (B, 32, d_model): the floor for any bridge-to-T5 model.
+  bare      T5 forward + backward + AdamW alone, on the same label batches and inputs_embeds as long
+            as ours (B, 32 queries + frame tokens, d_model): the floor for any bridge-to-T5 model.
   seed      our re-implementation of the original script's per-step work, from its description:
             each clip file read every step, padded to 300 frames, the frozen encoder run on the
             padded batch, targets tokenised every step with padding="max_length" (128) and pad ids
@@ -87,27 +88,37 @@ def build_trainer(root, shape, device, precision, *extra):
         "--train_manifest", str(root / "train.tsv"), "--val_features", str(root / "features"),
         "--val_manifest", str(root / "val.tsv"), "--t5_model", str(root / "t5"), "--output_dir", str(root / "run"),
         "--batch_size", str(shape["batch"]), "--epochs", "1", "--warmup_steps", "0", "--device", str(device),
-        "--precision", precision, "--eval_batch_size", "32", *extra])
+        "--precision", precision, "--eval_batch_size", "32", "--cache_dir", str(root / "cache"), *extra])
     tsw.setup_logging(None, is_main=False)
     trainer = tsw.Trainer(args, tsw.World(device=device))
     trainer.setup()
     return trainer
 
 
-def measure_ours(root, shape, device, precision):
+def measure_ours(root, shape, device, precision, *extra):
+    """Our training (samples/s), evaluation (sentences/s) and set-up time with these flags; also each
+    training batch's labels and the length of what T5's encoder reads for it (queries + frame tokens)."""
     started = time.perf_counter()
-    trainer = build_trainer(root, shape, device, precision)
+    trainer = build_trainer(root, shape, device, precision, *extra)
     setup_s = time.perf_counter() - started
     args = trainer.args
     ours = time_epoch(trainer, 0, shape, device)
-    sync(device)
-    started = time.perf_counter()
-    trainer.evaluate(full=True)          # default decoding: beam 4, up to 64 new tokens
-    sync(device)
-    eval_rate = len(trainer.val_set) / (time.perf_counter() - started)
+    eval_rate = time_evaluation(trainer, device)
     batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.world)
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
-    return ours, eval_rate, setup_s, labels, trainer
+    stride = args.frame_stride if args.frame_attention else None
+    inputs = [args.num_queries + (-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0)
+              for b in batches]
+    return ours, eval_rate, setup_s, labels, inputs, trainer
+
+
+def time_evaluation(trainer, device):
+    """Sentences/s of an evaluation of the whole validation set (default decoding: beam 4, <= 64 tokens)."""
+    sync(device)
+    started = time.perf_counter()
+    trainer.evaluate(full=True)
+    sync(device)
+    return len(trainer.val_set) / (time.perf_counter() - started)
 
 
 def time_epoch(trainer, epoch, shape, device):
@@ -125,14 +136,15 @@ def time_epoch(trainer, epoch, shape, device):
     return rate(step_times, shape["batch"])
 
 
-def measure_bare(root, shape, device, precision, labels, queries=32):
+def measure_bare(root, shape, device, precision, labels, inputs):
+    """T5 alone on the same labels, fed random inputs_embeds as long as ours were (`inputs`, per batch)."""
     from transformers import T5ForConditionalGeneration
     t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
     optimizer = torch.optim.AdamW(t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
     step_times, flops = [], None
-    for i, batch_labels in enumerate(labels):
+    for i, (batch_labels, length) in enumerate(zip(labels, inputs)):
         batch_labels = batch_labels.to(device)
-        inputs_embeds = torch.randn(len(batch_labels), queries, shape["d_model"], device=device)
+        inputs_embeds = torch.randn(len(batch_labels), length, shape["d_model"], device=device)
         mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
         counter = FlopCounterMode(display=False) if i == 1 else None
         with counter or tsw.contextlib.nullcontext(), tsw.autocast_for(device, precision):
@@ -147,10 +159,10 @@ def measure_bare(root, shape, device, precision, labels, queries=32):
     return rate(step_times, shape["batch"]), flops
 
 
-def measure_frames(root, shape, device, precision, cache_gb, read_delay_ms=0):
-    """Samples/s of --frame_attention training with frames cached in memory or read at every step
-    (optionally each read delayed, as from a network drive)."""
-    trainer = build_trainer(root, shape, device, precision, "--frame_attention", "--frame_cache_gb", str(cache_gb))
+def measure_frames(root, shape, device, precision, *flags, read_delay_ms=0):
+    """Samples/s of training with frames (the default) from the frame store, or without it (--no-frame_store)
+    kept in memory or read at every step (optionally each read delayed, as from a network drive)."""
+    trainer = build_trainer(root, shape, device, precision, *flags)
     load = tsw.load_clip_features
 
     def slow_load(path):
@@ -231,7 +243,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per measurement (0: per shape)")
     parser.add_argument("--frames", action="store_true",
-                        help="instead: --frame_attention training, frames cached vs read from disk at every step")
+                        help="instead: training with frames from the frame store vs read from disk at every step")
     parser.add_argument("--read_delay_ms", type=float, default=20,
                         help="--frames: also measure reads delayed this much (a network drive)")
     args = parser.parse_args()
@@ -250,29 +262,39 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * (steps + WARMUP_STEPS))
-            # Ours and bare alternate twice and keep their best: the machine's speed drifts.
-            ours, eval_rate, setup_s, labels, trainer = measure_ours(root, shape, device, precision)
-            bare, flops = measure_bare(root, shape, device, precision, labels)
+            # Ours (the default: frames), ours without frames and bare alternate twice and keep their
+            # best: the machine's speed drifts.
+            ours, eval_rate, setup_s, labels, inputs, trainer = measure_ours(root, shape, device, precision)
+            embedding, embedding_eval, _, _, embedding_inputs, embedding_trainer = measure_ours(
+                root, shape, device, precision, "--no-frame_attention")
+            bare, flops = measure_bare(root, shape, device, precision, labels, inputs)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
-            bare = max(bare, measure_bare(root, shape, device, precision, labels)[0])
+            eval_rate = max(eval_rate, time_evaluation(trainer, device))
+            embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
+            embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
+            bare = max(bare, measure_bare(root, shape, device, precision, labels, inputs)[0])
             seed = measure_seed(root, shape, device, len(labels), "max_length")
             seed_longest = measure_seed(root, shape, device, len(labels), "longest")
         results[name] = {
             "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / ours,
+            "embedding_only_samples_per_s": embedding, "frame_step_cost": embedding / ours,
+            "embedding_only_eval_sentences_per_s": embedding_eval, "frame_eval_cost": embedding_eval / eval_rate,
+            "t5_input_tokens_mean": sum(inputs) / len(inputs),
             "seed_pipeline_samples_per_s": seed, "seed_longest_samples_per_s": seed_longest,
             "speedup_vs_seed": ours / seed, "speedup_vs_seed_longest": ours / seed_longest,
             "eval_sentences_per_s": eval_rate, "setup_s": setup_s,
             "mfu": flops * ours / shape["batch"] / peak, "flops_per_step": flops, "batch_size": shape["batch"],
             "timed_steps": len(labels) - WARMUP_STEPS, "precision": precision}
     print(f"\nmachine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; precision {precision}")
-    print("| shape | ours samples/s | bare T5 samples/s | overhead | seed samples/s (max_length / longest) "
-          "| ours vs seed | eval sentences/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | ours samples/s (frames) | without frames | frame step cost | bare T5, same inputs | overhead "
+          "| eval sentences/s (frames / without) | seed samples/s (max_length / longest) | ours vs seed | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['train_samples_per_s']:.1f} | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} | "
+        print(f"| {name} | {r['train_samples_per_s']:.1f} | {r['embedding_only_samples_per_s']:.1f} | "
+              f"{r['frame_step_cost']:.2f}x | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} | "
+              f"{r['eval_sentences_per_s']:.1f} / {r['embedding_only_eval_sentences_per_s']:.1f} | "
               f"{r['seed_pipeline_samples_per_s']:.1f} / {r['seed_longest_samples_per_s']:.1f} | "
-              f"{r['speedup_vs_seed']:.2f}x / {r['speedup_vs_seed_longest']:.2f}x | "
-              f"{r['eval_sentences_per_s']:.1f} | {r['mfu']:.1%} |")
+              f"{r['speedup_vs_seed']:.2f}x / {r['speedup_vs_seed_longest']:.2f}x | {r['mfu']:.1%} |")
     primary = results[list(results)[-1]]
     print(json.dumps({**primary, "shape": list(results)[-1], "machine": machine, "peak_flops": peak,
                       "shapes": results}))
@@ -285,15 +307,20 @@ def frames_table(args, device, precision, machine):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
-            results[name] = {"cached": measure_frames(root, shape, device, precision, 4),
-                             "streamed": measure_frames(root, shape, device, precision, 0),
-                             "streamed_delayed": measure_frames(root, shape, device, precision, 0, args.read_delay_ms)}
-    print(f"\nmachine: {machine}; precision {precision}; --frame_attention training samples/s")
-    print(f"| shape | frames cached (fp16) | read from local disk each step | each read +{args.read_delay_ms:g} ms |")
-    print("|---|---|---|---|")
+            results[name] = {
+                "store": measure_frames(root, shape, device, precision),
+                "store_delayed": measure_frames(root, shape, device, precision, read_delay_ms=args.read_delay_ms),
+                "streamed": measure_frames(root, shape, device, precision, "--no-frame_store", "--frame_cache_gb", "0"),
+                "streamed_delayed": measure_frames(root, shape, device, precision, "--no-frame_store",
+                                                   "--frame_cache_gb", "0", read_delay_ms=args.read_delay_ms)}
+    print(f"\nmachine: {machine}; precision {precision}; training samples/s with frames")
+    print(f"| shape | frame store | frame store, files +{args.read_delay_ms:g} ms a read | no store, read each step "
+          f"| no store, +{args.read_delay_ms:g} ms a read |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['cached']:.1f} | {r['streamed']:.1f} ({r['cached'] / r['streamed']:.2f}x slower) | "
-              f"{r['streamed_delayed']:.1f} ({r['cached'] / r['streamed_delayed']:.2f}x slower) |")
+        print(f"| {name} | {r['store']:.1f} | {r['store_delayed']:.1f} | {r['streamed']:.1f} "
+              f"({r['store'] / r['streamed']:.2f}x slower) | {r['streamed_delayed']:.1f} "
+              f"({r['store'] / r['streamed_delayed']:.2f}x slower) |")
     print(json.dumps({"machine": machine, "read_delay_ms": args.read_delay_ms, "frames": results}))
 
 

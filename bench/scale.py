@@ -1,0 +1,201 @@
+"""How2Sign at full size: start-up, memory and speed of the default (frames) path, cold and warm.
+
+    python bench/scale.py                          # 31,000 clips of (100-150, 768) fp32 (~12 GB of .npy)
+    python bench/scale.py --clips 3000             # a quick run
+    python bench/scale.py --read_delay_ms 20       # each clip read (and stat) delayed, as on Google Drive
+
+Builds, once under --root, a How2Sign-sized training set: --clips clips of SignHiera-shaped features
+(768-d, 100-150 frames each, float32 .npy files), a 64-clip validation set, the users' encoder (768 ->
+1024) and a tiny T5 (the measurement is about the data path, not the decoder). Then trains with the
+default flags, each run for --steps optimizer steps, in fresh processes:
+  cold          no frame store yet: every clip file read (with the delay) and written into the store
+  warm          a second run on the same data (another --output_dir): the store is opened, no clip read
+  warm_local    the same, without the delay (what local reads give)
+  warm_torchrun the warm run as 2 torchrun processes (gloo, 1 thread each)
+Reported per run: seconds from process start to the first optimizer step; samples/s over the steps
+after the first 5; the machine's used memory: the sum over the run's processes of their proportional
+set size (PSS: a page shared by two processes, such as the memory-mapped frame store, counts half in
+each), sampled every 0.2 s, peak. Prints a table, then one JSON line.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_data(root, clips, dim=768, seed=0):
+    """Clip files, manifests, encoder and tiny T5 (skipped when `root/READY` says they are there)."""
+    import numpy as np
+    import torch
+
+    import train_sonar_with_t5 as tsw
+
+    ready = root / "READY"
+    if ready.is_file() and json.loads(ready.read_text())["clips"] == clips:
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    sentences = tsw.demo_sentences(clips + 64, rng)
+    for split, (first, count) in {"train": (0, clips), "val": (clips, 64)}.items():
+        folder = root / "features" / split
+        folder.mkdir(parents=True)
+        lines = ["id\tduration\ttext"]
+        for i in range(first, first + count):
+            frames = rng.standard_normal((int(rng.integers(100, 151)), dim), dtype=np.float32)
+            np.save(folder / f"clip{i:06d}.npy", frames)
+            lines.append(f"clip{i:06d}\t4.0\t{sentences[i]}")
+        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(seed)
+    torch.save({"encoder_state_dict": tsw.SonarEncoder((dim, 512, 512, 1024)).state_dict()}, root / "encoder.pt")
+    tsw.build_tiny_t5(tsw.build_tokenizer(sentences), root / "t5")
+    ready.write_text(json.dumps({"clips": clips, "dim": dim}))
+
+
+def child(args):
+    """One training process: the CLI's Trainer, stopped after --steps steps; prints a JSON line."""
+    import torch
+
+    import train_sonar_with_t5 as tsw
+
+    started = float(os.environ["SCALE_STARTED"])
+    delay = args.read_delay_ms / 1000
+    features = str(Path(args.root) / "features")
+    if delay:
+        load, stat = tsw.load_clip_features, os.stat
+
+        def slow_load(path):
+            time.sleep(delay)
+            return load(path)
+
+        def slow_stat(path, *rest, **kwargs):
+            if str(path).startswith(features):
+                time.sleep(delay)
+            return stat(path, *rest, **kwargs)
+
+        tsw.load_clip_features, os.stat = slow_load, slow_stat
+    root = Path(args.root)
+    argv = ["--sonar_checkpoint", str(root / "encoder.pt"), "--train_features", str(root / "features/train"),
+            "--train_manifest", str(root / "train.tsv"), "--val_features", str(root / "features/val"),
+            "--val_manifest", str(root / "val.tsv"), "--t5_model", str(root / "t5"), "--output_dir", args.out,
+            "--cache_dir", str(root / "cache"), "--device", "cpu", "--batch_size", "32", "--epochs", "1",
+            "--report_to", "none"]
+    cli = tsw.build_parser().parse_args(argv)
+    tsw.setup_logging(None, is_main=int(os.environ.get("RANK", "0")) == 0)
+    world = tsw.setup_world("cpu")
+    trainer = tsw.Trainer(cli, world)
+    trainer.setup()
+    times, step = [], trainer.scheduler.step
+
+    class Enough(Exception):
+        pass
+
+    def timed_step():
+        step()
+        times.append(time.time())
+        if len(times) == args.steps:
+            raise Enough
+
+    trainer.scheduler.step = timed_step
+    try:
+        trainer.train_epoch(0)
+    except Enough:
+        pass
+    if world.is_main:
+        rate = (len(times) - 6) * 32 * world.size / (times[-1] - times[5])
+        print("RESULT " + json.dumps({"first_step_s": times[0] - started, "samples_per_s": rate}), flush=True)
+    if world.size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def pss_kb(pid):
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid):
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return children + [d for c in children for d in descendants(c)]
+
+
+def run(args, name, delay, processes):
+    """A fresh process (or torchrun with `processes`), its result and peak memory."""
+    out = Path(args.root) / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)
+    child_args = [__file__, "--child", "--root", args.root, "--out", str(out), "--steps", str(args.steps),
+                  "--read_delay_ms", str(delay)]
+    command = ([sys.executable, *child_args] if processes == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                *child_args])
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads // processes or 1), "SCALE_STARTED": str(time.time()),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, lines = 0, []
+    import threading
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    while process.poll() is None:
+        trainers = [p for p in [process.pid, *descendants(process.pid)]]
+        peak = max(peak, sum(pss_kb(p) for p in trainers))
+        time.sleep(0.2)
+    reader.join()
+    results = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
+    if process.returncode != 0 or not results:
+        raise SystemExit(f"{name} failed:\n" + "".join(lines[-30:]))
+    return {**results[0], "memory_gb": peak / 2 ** 20}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=31000, help="training clips (How2Sign train: ~31k)")
+    parser.add_argument("--root", default="bench/results/scale", help="data, store and runs go here")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed per run")
+    parser.add_argument("--read_delay_ms", type=float, default=20, help="simulated Drive latency per read/stat")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split among processes)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    root = Path(args.root)
+    started = time.time()
+    make_data(root, args.clips)
+    data_s = time.time() - started
+    shutil.rmtree(root / "cache", ignore_errors=True)          # cold: no store
+    results = {"cold": run(args, "cold", args.read_delay_ms, 1),
+               "warm": run(args, "warm", args.read_delay_ms, 1),
+               "warm_local": run(args, "warm_local", 0, 1),
+               "warm_torchrun": run(args, "warm_torchrun", args.read_delay_ms, 2)}
+    store = sum(f.stat().st_size for f in (root / "cache").rglob("frames.f16"))
+    files = sum(f.stat().st_size for f in (root / "features").rglob("*.npy"))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+    print(f"\n{args.clips} clips (768-d, 100-150 frames; {files / 2 ** 30:.1f} GB of .npy, frame store "
+          f"{store / 2 ** 30:.1f} GB), reads +{args.read_delay_ms:g} ms; {machine}; data built in {data_s:.0f} s")
+    print("| run | start-up to first step (s) | samples/s | used memory (GB, PSS) |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['first_step_s']:.1f} | {r['samples_per_s']:.1f} | {r['memory_gb']:.2f} |")
+    print(json.dumps({"clips": args.clips, "read_delay_ms": args.read_delay_ms, "store_gb": store / 2 ** 30,
+                      "files_gb": files / 2 ** 30, "machine": machine, "runs": results}))
+
+
+if __name__ == "__main__":
+    main()
