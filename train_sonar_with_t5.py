@@ -77,10 +77,11 @@ MODEL_DEFAULTS = dict(
     bridge_layernorm=True,   # LayerNorm on the bridge output (the guide's troubleshooting step 3)
     standardize=True,        # per-dimension standardisation of the frozen embedding (and frames)
     frame_attention=True,    # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
-    frame_stride=4,          # consecutive frames stacked into one frame token
+    frame_stride=2,          # one frame token every `frame_stride` frames ...
+    frame_kernel=4,          # ... made of this many consecutive frames (windows overlap when kernel > stride)
 )
 # What a checkpoint saved before a flag existed (or before its default changed) was trained with.
-PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1)
+PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1)
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
 ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", *MODEL_DEFAULTS)
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
@@ -1063,16 +1064,18 @@ class BridgeBlock(nn.Module):
 
 
 class FrameEncoder(nn.Module):
-    """Frames standardised per dimension with training-set statistics, then every `stride` consecutive
-    frames projected into one token (temporal striding, as SSVP-SLT's: a linear map of the stacked
-    frames, so order within a stride is kept), with positions. stride 1: one token per frame."""
+    """Frames standardised per dimension with training-set statistics, then temporal striding: a window
+    of `kernel` consecutive frames, every `stride` frames, projected into one token (a linear map of the
+    stacked frames, i.e. a 1-D convolution: order within the window is kept), with positions.
+    stride 1, kernel 1: one token per frame."""
 
-    def __init__(self, frame_dim, d_model, stride=1):
+    def __init__(self, frame_dim, d_model, stride=1, kernel=None):
         super().__init__()
-        self.stride = stride
+        self.stride, self.kernel = stride, kernel or stride
+        self.register_buffer("window", torch.tensor([self.stride, self.kernel]))   # saved: a state dict says its shape
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
-        self.frame_projection = nn.Linear(stride * frame_dim, d_model)
+        self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
         self.frame_norm = nn.LayerNorm(d_model)
 
     def forward(self, frames, lengths):      # (B, T, D), (B,) -> (B, T', d), padding mask (B, T'); T' = ceil(T / stride)
@@ -1080,9 +1083,11 @@ class FrameEncoder(nn.Module):
         frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
         batch, length, dim = frames.shape
         valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
-        frames = frames * valid[..., None]                           # padding is 0 inside the last stride too
-        frames = F.pad(frames, (0, 0, 0, (-length) % self.stride))
-        tokens = self.frame_projection(frames.reshape(batch, -1, self.stride * dim))
+        frames = frames * valid[..., None]                           # padding is 0 inside the last window too
+        steps = -(-length // self.stride)                            # windows start at 0, s, 2s, ... < T
+        frames = F.pad(frames, (0, 0, 0, (steps - 1) * self.stride + self.kernel - length))
+        windows = frames.unfold(1, self.kernel, self.stride)         # (B, T', D, kernel)
+        tokens = self.frame_projection(windows.transpose(2, 3).reshape(batch, steps, self.kernel * dim))
         tokens = self.frame_norm(tokens + sinusoidal_positions(tokens.shape[1], tokens.shape[-1], tokens.device))
         kept = torch.div(lengths + self.stride - 1, self.stride, rounding_mode="floor")
         return tokens, torch.arange(tokens.shape[1], device=tokens.device)[None] >= kept[:, None]
@@ -1100,7 +1105,7 @@ class Bridge(nn.Module):
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self.expander = nn.Parameter(torch.randn(options["num_queries"], d_model))   # the learnable queries
         self.ff_dim = options["bridge_ff_dim"] or 4 * d_model
-        self.frame_encoder = (FrameEncoder(frame_dim, d_model, options["frame_stride"])
+        self.frame_encoder = (FrameEncoder(frame_dim, d_model, options["frame_stride"], options["frame_kernel"])
                               if options["frame_attention"] else None)
         self.output_norm = nn.LayerNorm(d_model) if options["bridge_layernorm"] else nn.Identity()
         # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
@@ -1366,25 +1371,28 @@ class SONARwithT5(nn.Module):
         """nn.Module's, after renaming the keys of checkpoints saved before bridges were modules and
         fitting the frame path to the checkpoint's: the guide's Cell 7 builds a default model and loads
         any best_model.pt into it, with frames or without (before frames were the default), any stride."""
-        state_dict = upgrade_state_dict(state_dict)
-        self.fit_frame_path(state_dict)
+        state_dict = self.fit_frame_path(upgrade_state_dict(state_dict))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def fit_frame_path(self, state_dict):
-        """Rebuild (or drop) the frame encoder so its shape is the one `state_dict` was saved with."""
+        """Rebuild (or drop) the frame encoder so its shape is the one `state_dict` was saved with; returns
+        the state dict (with the window of a checkpoint saved before windows were recorded: one frame)."""
         projection = state_dict.get("bridge.frame_encoder.frame_projection.weight")
-        mean = state_dict.get("bridge.frame_encoder.frame_mean")
         current = self.bridge.frame_encoder
         if projection is None:
             if current is not None:
                 logger.info("This checkpoint was trained without frames (--no-frame_attention): the model reads "
                             "the sentence embedding only.")
                 self.bridge.frame_encoder, self.options = None, {**self.options, "frame_attention": False}
-            return
-        stride = projection.shape[1] // mean.shape[0]
-        if current is None or current.frame_projection.weight.shape != projection.shape:
-            self.bridge.frame_encoder = FrameEncoder(mean.shape[0], projection.shape[0], stride).to(self.device)
-            self.options = {**self.options, "frame_attention": True, "frame_stride": stride}
+            return state_dict
+        mean = state_dict["bridge.frame_encoder.frame_mean"]
+        if "bridge.frame_encoder.window" not in state_dict:
+            state_dict = {**state_dict, "bridge.frame_encoder.window": torch.tensor([1, 1])}
+        stride, kernel = (int(v) for v in state_dict["bridge.frame_encoder.window"])
+        if current is None or (current.stride, current.kernel, len(current.frame_mean)) != (stride, kernel, len(mean)):
+            self.bridge.frame_encoder = FrameEncoder(mean.shape[0], projection.shape[0], stride, kernel).to(self.device)
+            self.options = {**self.options, "frame_attention": True, "frame_stride": stride, "frame_kernel": kernel}
+        return state_dict
 
     # -- encoder and bridge --------------------------------------------------------------------
 
@@ -1501,7 +1509,7 @@ class SONARwithT5(nn.Module):
         frame_encoder = self.bridge.frame_encoder
         return {"t5_model": self.t5_model_name, "freeze_encoder": self.freeze_encoder,
                 "encoder_dims": list(self.sonar_encoder.dims), **self.options,
-                "feature_dim": frame_encoder.frame_projection.in_features if frame_encoder else None}
+                "feature_dim": frame_encoder.frame_mean.shape[0] if frame_encoder else None}
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", checkpoint=None):
@@ -2887,7 +2895,9 @@ def build_parser():
                         "into T5, and the bridge's queries attend to them too (--no-frame_attention: the "
                         "sentence embedding only)")
     g.add_argument("--frame_stride", type=int, default=MODEL_DEFAULTS["frame_stride"],
-                   help="consecutive frames stacked into one frame token (temporal striding)")
+                   help="temporal striding: one frame token every this many frames")
+    g.add_argument("--frame_kernel", type=int, default=MODEL_DEFAULTS["frame_kernel"],
+                   help="consecutive frames that make one frame token (at least --frame_stride)")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
 
@@ -2979,11 +2989,14 @@ def explicit_flags(argv):
 def validate_args(args):
     """Every problem with the flags at once, before any work starts."""
     problems = []
-    for name in ("epochs", "batch_size", "grad_accum_steps", "num_queries", "num_heads", "bridge_layers", "frame_stride",
+    for name in ("epochs", "batch_size", "grad_accum_steps", "num_queries", "num_heads", "bridge_layers", "frame_stride", "frame_kernel",
                  "memory_tokens", "eval_every", "eval_batch_size", "num_beams", "max_new_tokens",
                  "max_target_length", "max_bad_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.frame_kernel < args.frame_stride:
+        problems.append(f"--frame_kernel {args.frame_kernel} must be at least --frame_stride {args.frame_stride} "
+                        "(frames between windows would be skipped)")
     if args.max_samples is not None and args.max_samples < 1:
         problems.append(f"--max_samples must be at least 1 (got {args.max_samples})")
     if not args.check and not args.predict:

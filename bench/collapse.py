@@ -24,9 +24,11 @@ import torch  # noqa: E402
 
 import train_sonar_with_t5 as tsw  # noqa: E402
 
-GUIDE = ["--bridge", "guide", "--no-bridge_layernorm", "--no-standardize"]
+# The guide's model as written: its bridge over the pooled embedding only (no frames).
+GUIDE = ["--bridge", "guide", "--no-bridge_layernorm", "--no-standardize", "--no-frame_attention"]
 # The guide's bridge with its troubleshooting steps 1-3 (64 queries, depth 2, LayerNorm).
-GUIDE_TROUBLESHOOTING = ["--bridge", "guide", "--num_queries", "64", "--bridge_layers", "2", "--no-standardize"]
+GUIDE_TROUBLESHOOTING = ["--bridge", "guide", "--num_queries", "64", "--bridge_layers", "2", "--no-standardize",
+                         "--no-frame_attention"]
 X10 = ["--bridge_lr_scale", "10"]       # the default bridge learning rate before the ablations
 ONE_CHANGE = {"no_standardize": ["--no-standardize"], "no_label_smoothing": ["--label_smoothing", "0"],
               "memory_tokens_1": ["--memory_tokens", "1"], "greedy": ["--num_beams", "1"],
@@ -35,6 +37,7 @@ CONFIGS = {
     "guide": GUIDE,
     "guide_troubleshooting": GUIDE_TROUBLESHOOTING,
     "default": [],
+    "embedding_only": ["--no-frame_attention"],     # the default before frames were
     "memory": ["--bridge", "memory"],       # the default before prefix_memory
     "prefix": ["--bridge", "prefix"],
     # The ablations behind the defaults (README: 10 epochs). Rows measured at bridge LR x10 are x10_*.

@@ -20,8 +20,9 @@ Rows (flags as a user types them; the defaults of train_sonar_with_t5.py do the 
   pretrained_cell5   pretrained T5 at the guide's Cell 5 flags (2 epochs, batch 16, LR 5e-5, warm-up 100)
   pretrained_cell6   pretrained T5 at the guide's Cell 6 flags (20 epochs, batch 16, LR 5e-5, warm-up 500)
   pretrained_lr1e-3  pretrained T5 at the random row's flags
-  frames_lr1e-3      random_lr1e-3 with --frame_attention
-  frames_cell6       pretrained_cell6 with --frame_attention
+  embedding_lr1e-3   random_lr1e-3 with --no-frame_attention (the sentence embedding only: the default
+                     before frames were)
+  embedding_cell6    pretrained_cell6 with --no-frame_attention
 Each row runs once per seed (--seed: bridge initialisation, batch order, dropout); the table gives the
 mean and the spread (min-max) of BLEU (sacreBLEU, 13a), chrF and the share of distinct predictions on
 the 250 validation sentences, decoded once after the last epoch. Prints the table, then one JSON line.
@@ -58,8 +59,8 @@ ROWS = {
     "pretrained_cell5": ("t5-pretrained", CELL5),
     "pretrained_cell6": ("t5-pretrained", CELL6),
     "pretrained_lr1e-3": ("t5-pretrained", HIGH_LR),
-    "frames_lr1e-3": ("t5-random", HIGH_LR + ["--frame_attention"]),
-    "frames_cell6": ("t5-pretrained", CELL6 + ["--frame_attention"]),
+    "embedding_lr1e-3": ("t5-random", HIGH_LR + ["--no-frame_attention"]),
+    "embedding_cell6": ("t5-pretrained", CELL6 + ["--no-frame_attention"]),
 }
 SENTENCE = re.compile(r"^[A-Z][A-Za-z0-9 ,.;'?!\-]*[.?!]$")
 PRETRAIN = dict(vocab_size=4000, d_model=128, layers=2, heads=4, steps=4000, batch_size=32, learning_rate=1e-3,

@@ -212,9 +212,9 @@ def test_default_model_trains_and_predicts_from_frames(project):
     out = project / "frames"
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--eval_batch_size", "5")) == 0
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
-    stride = tsw.MODEL_DEFAULTS["frame_stride"]
-    assert model.options["frame_attention"] and model.bridge.frame_encoder.stride == stride > 1
-    assert model.bridge.frame_encoder.frame_projection.in_features == 64 * stride      # `stride` frames a token
+    encoder = model.bridge.frame_encoder
+    assert model.options["frame_attention"] and encoder.stride == tsw.MODEL_DEFAULTS["frame_stride"] > 1
+    assert encoder.frame_projection.in_features == 64 * tsw.MODEL_DEFAULTS["frame_kernel"]   # a window of frames
     assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features",
                      str(project / "features/val"), "--device", "cpu"]) == 0
     predicted = dict(line.split("\t") for line in (out / "predictions.tsv").read_text().splitlines()[1:])

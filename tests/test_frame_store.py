@@ -129,8 +129,8 @@ def test_previous_version_checkpoints_load_and_resume(project, tmp_path, capsys)
     assert tsw.main(flags + ["--no-frame_attention"]) == 0
     for name in ("best_model.pt", "last.pt"):     # as the previous version wrote them
         checkpoint = torch.load(out / name)
-        del checkpoint["model_config"]["frame_stride"]
-        del checkpoint["args"]["frame_stride"]
+        for key in ("frame_stride", "frame_kernel"):
+            del checkpoint["model_config"][key], checkpoint["args"][key]
         checkpoint["args"]["frame_attention"] = checkpoint["model_config"]["frame_attention"] = False
         torch.save(checkpoint, out / name)
     model = tsw.SONARwithT5(sonar_checkpoint=str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
@@ -150,12 +150,28 @@ def test_previous_version_checkpoints_load_and_resume(project, tmp_path, capsys)
 
 def test_a_default_model_loads_a_checkpoint_with_another_stride(project, tmp_path):
     out = tmp_path / "stride2"
-    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "2",
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "3", "--frame_kernel", "5",
                                 "--cache_dir", str(tmp_path / "cache"))) == 0
     state = torch.load(out / "best_model.pt")["model_state_dict"]
     model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             str(project / "t5-small"), device="cpu")
     model.load_state_dict(state)
-    assert model.bridge.frame_encoder.stride == 2 and model.options["frame_stride"] == 2
+    assert (model.bridge.frame_encoder.stride, model.bridge.frame_encoder.kernel) == (3, 5)
+    assert model.options["frame_stride"] == 3 and model.options["frame_kernel"] == 5
     assert torch.equal(model.bridge.frame_encoder.frame_projection.weight,
                        state["bridge.frame_encoder.frame_projection.weight"])
+
+
+def test_frame_windows_follow_the_clip_and_ignore_padding():
+    """Each token is a window of `kernel` frames every `stride` frames; frames past a clip's end are
+    zeros inside its last window, so padding the batch further changes nothing."""
+    torch.manual_seed(0)
+    encoder = tsw.FrameEncoder(3, 8, stride=2, kernel=4).eval()
+    frames = torch.randn(1, 7, 3)
+    tokens, padding = encoder(frames, torch.tensor([7]))
+    assert tokens.shape == (1, 4, 8) and padding.tolist() == [[False] * 4]          # ceil(7 / 2) windows
+    window = torch.cat([frames[0, 2:6], torch.zeros(0, 3)]).reshape(-1)             # token 1: frames 2..5
+    expected = encoder.frame_projection(window) + tsw.sinusoidal_positions(4, 8, "cpu")[1]
+    assert torch.allclose(tokens[0, 1], encoder.frame_norm(expected), atol=1e-5)
+    longer, longer_padding = encoder(torch.cat([frames, torch.randn(1, 5, 3)], dim=1), torch.tensor([7]))
+    assert torch.allclose(longer[0, :4], tokens[0], atol=1e-5) and longer_padding[0].tolist() == [False] * 4 + [True] * 2
