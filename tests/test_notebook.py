@@ -39,12 +39,14 @@ def test_notebook_cells_run_in_order(project, capsys):
             ran.append("python")
     printed = capsys.readouterr().out
     assert ran.count("python") == 3                  # Cell 3, Cell 7, plots
-    assert ran.count("python train_sonar_with_t5.py") == 5   # check, quick test, full run, frames, predict
+    assert ran.count("python train_sonar_with_t5.py") == 5   # check, quick test, full run, embedding-only, predict
     assert len(skipped) == 4                         # Drive, pip, TensorBoard, download
     assert "✓ features/train (48 feature files)" in printed
     assert "Final Results:" in printed and printed.count("Ground Truth:") == 5
     assert "BLEU-1..4" in printed
     assert (project / "logs/train_attention_final.log").is_file()
     assert (project / "checkpoints/sonar_t5_attention_final/val_predictions.tsv").is_file()
-    frames = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_frames/best_model.pt")
-    assert frames.options["frame_attention"]
+    final = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_attention_final/best_model.pt")
+    assert final.options["frame_attention"]                                     # the guide's cells: frames
+    embedding = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_embedding_only/best_model.pt")
+    assert not embedding.options["frame_attention"] and embedding.bridge.frame_encoder is None
