@@ -7,13 +7,13 @@
 Builds, once under --root, a How2Sign-sized training set: --clips clips of SignHiera-shaped features
 (768-d, 100-150 frames each, float32 .npy files), a 64-clip validation set, the users' encoder (768 ->
 1024) and a tiny T5 (the measurement is about the data path, not the decoder). Then trains with the
-default flags, each run for --steps optimizer steps, in fresh processes:
+default flags, each run for one epoch (or --steps optimizer steps), in fresh processes:
   cold          no frame store yet: every clip file read (with the delay) and written into the store
   warm          a second run on the same data (another --output_dir): the store is opened, no clip read
   warm_local    the same, without the delay (what local reads give)
   warm_torchrun the warm run as 2 torchrun processes (gloo, 1 thread each)
 Reported per run: seconds from process start to the first optimizer step; samples/s over the steps
-after the first 5; the machine's used memory: the sum over the run's processes of their proportional
+after the first 5 (all processes); the machine's used memory: the sum over the run's processes of their proportional
 set size (PSS: a page shared by two processes, such as the memory-mapped frame store, counts half in
 each), sampled every 0.2 s, peak. Prints a table, then one JSON line.
 """
@@ -101,7 +101,7 @@ def child(args):
     def timed_step():
         step()
         times.append(time.time())
-        if len(times) == args.steps:
+        if len(times) == args.steps:          # --steps 0: the whole epoch
             raise Enough
 
     trainer.scheduler.step = timed_step
@@ -167,7 +167,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=31000, help="training clips (How2Sign train: ~31k)")
     parser.add_argument("--root", default="bench/results/scale", help="data, store and runs go here")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps timed per run")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="optimizer steps per run (0: a whole epoch, so every clip's frames are read once)")
     parser.add_argument("--read_delay_ms", type=float, default=20, help="simulated Drive latency per read/stat")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split among processes)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
