@@ -63,7 +63,7 @@ def test_cell5_command_line(project, form):
     log = (out / "train.log").read_text()
     assert "CUDA is not available on this machine: running on CPU instead." in log
     assert "sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a" in log
-    assert re.search(r"epoch 2/2: val loss [\d.]+ \| BLEU [\d.]+ \| chrF [\d.]+", log)
+    assert re.search(r"epoch 2/2: val loss [\d.]+ \| BLEU [\d.]+ \(BLEU-1\.\.4 [\d./ ]+\) \| chrF [\d.]+ \| ROUGE-L [\d.]+", log)
     assert len(re.findall(r"\s\d\. \[demo_val_\d+\] reference: ", log)) == 10   # 5 samples x 2 epochs
     assert "diagnostics: encoder cosine" in log
 
