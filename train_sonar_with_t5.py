@@ -576,6 +576,8 @@ class FrameStore:
                                       int(index["lengths"][entry]), d,
                                       torch.from_numpy(index["square_means"][at: at + d].copy()), entry))
             grouped.append(group)
+        for name in ("means", "square_means", "firsts", "stat_offsets"):     # in the dataset now: free them
+            self.index.pop(name)
         return grouped
 
 
@@ -687,7 +689,7 @@ def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=
             raise
         logger.info(f"{split}: frame store built in {time.time() - started:.0f} s: {folder} "
                     f"({store.nbytes / 2 ** 30:.2f} GB); later runs, --resume and --predict read it instead of the clip files")
-        return scanned, store
+        return store.scans(spans_by_file), store        # as a later run will see them
 
 
 def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):

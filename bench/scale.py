@@ -11,7 +11,8 @@ default flags, each run for one epoch (or --steps optimizer steps), in fresh pro
   cold          no frame store yet: every clip file read (with the delay) and written into the store
   warm          a second run on the same data (another --output_dir): the store is opened, no clip read
   warm_local    the same, without the delay (what local reads give)
-  warm_torchrun the warm run as 2 torchrun processes (gloo, 1 thread each)
+  warm_torchrun the warm run as 2 torchrun processes (gloo, 1 thread each), the same samples in all
+                (each process takes half the steps), so the same part of the store is read
 Reported per run: seconds from process start to the first optimizer step; samples/s over the steps
 after the first 5 (all processes); the machine's used memory: the sum over the run's processes of their proportional
 set size (PSS: a page shared by two processes, such as the memory-mapped frame store, counts half in
@@ -98,10 +99,12 @@ def child(args):
     class Enough(Exception):
         pass
 
+    steps = args.steps // world.size          # the same samples in all, however many processes share them
+
     def timed_step():
         step()
         times.append(time.time())
-        if len(times) == args.steps:          # --steps 0: the whole epoch
+        if len(times) == steps:               # --steps 0: the whole epoch
             raise Enough
 
     trainer.scheduler.step = timed_step
@@ -168,9 +171,11 @@ def main():
     parser.add_argument("--clips", type=int, default=31000, help="training clips (How2Sign train: ~31k)")
     parser.add_argument("--root", default="bench/results/scale", help="data, store and runs go here")
     parser.add_argument("--steps", type=int, default=0,
-                        help="optimizer steps per run (0: a whole epoch, so every clip's frames are read once)")
+                        help="optimizer steps per run, shared by its processes (0: a whole epoch, so every clip's "
+                             "frames are read once)")
     parser.add_argument("--read_delay_ms", type=float, default=20, help="simulated Drive latency per read/stat")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all (split among processes)")
+    parser.add_argument("--runs", default="cold,warm,warm_local,warm_torchrun", help="which runs, comma-separated")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,11 +185,12 @@ def main():
     started = time.time()
     make_data(root, args.clips)
     data_s = time.time() - started
-    shutil.rmtree(root / "cache", ignore_errors=True)          # cold: no store
-    results = {"cold": run(args, "cold", args.read_delay_ms, 1),
-               "warm": run(args, "warm", args.read_delay_ms, 1),
-               "warm_local": run(args, "warm_local", 0, 1),
-               "warm_torchrun": run(args, "warm_torchrun", args.read_delay_ms, 2)}
+    runs = {"cold": (args.read_delay_ms, 1), "warm": (args.read_delay_ms, 1), "warm_local": (0, 1),
+            "warm_torchrun": (args.read_delay_ms, 2)}
+    chosen = args.runs.split(",")
+    if "cold" in chosen:
+        shutil.rmtree(root / "cache", ignore_errors=True)      # cold: no store
+    results = {name: run(args, name, *runs[name]) for name in runs if name in chosen}
     store = sum(f.stat().st_size for f in (root / "cache").rglob("frames.f16"))
     files = sum(f.stat().st_size for f in (root / "features").rglob("*.npy"))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
