@@ -20,15 +20,21 @@ Several GPUs on one machine:     torchrun --standalone --nproc_per_node=4 train_
 Translate new clips:             python train_sonar_with_t5.py --predict --checkpoint OUT/best_model.pt \
                                      --features features/test [--manifest manifests/test.tsv]
 
+Other decoders: --t5_model takes any encoder-decoder model (google/flan-t5-base, facebook/bart-base,
+facebook/nllb-200-distilled-600M with --target_lang eng_Latn, ...); --freeze_t5 or --lora_rank R keep it
+frozen or adapt it (small checkpoints: the base model is named, not saved).
+
 Pipeline: clip features (T, D) -> mean over valid frames -> frozen encoder (projection, LayerNorm,
 L2) -> sentence embedding (1024) -> standardised -> bridge (`expander` queries, given per-clip
-content, read memory tokens through `attention_bridge`) -> T5 via `inputs_embeds`.
+content, read memory tokens and the frames through `attention_bridge`) -> with the clip's frame
+tokens, into T5 (or another seq2seq model) via `inputs_embeds`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import errno
 import hashlib
@@ -79,11 +85,17 @@ MODEL_DEFAULTS = dict(
     frame_attention=True,    # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
     frame_stride=2,          # one frame token every `frame_stride` frames ...
     frame_kernel=4,          # ... made of this many consecutive frames (windows overlap when kernel > stride)
+    prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
 )
+ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decoder: small checkpoints
+# How the decoder trains, and its target language (SONARwithT5 keywords, flags of the same names).
+DECODER_DEFAULTS = dict(target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0, gradient_checkpointing=False)
 # What a checkpoint saved before a flag existed (or before its default changed) was trained with.
-PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1)
+PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1, freeze_t5=False, lora_rank=0,
+                         lora_alpha=0, target_lang=None)
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
-ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", *MODEL_DEFAULTS)
+ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", "freeze_t5", "lora_rank", "lora_alpha", "target_lang",
+                      *MODEL_DEFAULTS)
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
@@ -872,11 +884,13 @@ class How2SignDataset(Dataset):
         return "; ".join(f"{count} {kind}" for kind, count in self.skip_kinds().most_common())
 
     def tokenize(self, tokenizer, max_target_length):
-        """Tokenise every target once (not at every step)."""
-        encoded = tokenizer(self.texts, max_length=max_target_length, truncation=True)
-        self.label_lengths = torch.tensor([len(ids) for ids in encoded["input_ids"]])
+        """Tokenise every target once (not at every step). `tokenizer`: a Hugging Face tokenizer, or the
+        model (SONARwithT5.target_ids: a multilingual decoder's targets start with the language code)."""
+        rows = (tokenizer.target_ids(self.texts, max_target_length) if hasattr(tokenizer, "target_ids") else
+                tokenizer(self.texts, max_length=max_target_length, truncation=True)["input_ids"])
+        self.label_lengths = torch.tensor([len(ids) for ids in rows])
         self.label_ids = torch.full((len(self), int(self.label_lengths.max())), -100, dtype=torch.long)
-        for row, ids in enumerate(encoded["input_ids"]):
+        for row, ids in enumerate(rows):
             self.label_ids[row, : len(ids)] = torch.tensor(ids)
 
     def frames(self, index):
@@ -1120,8 +1134,9 @@ class Bridge(nn.Module):
 
     def make_prefix_mlp(self, embed_dim, options):
         """embedding (E) -> one token of content per query (Q x d_model)."""
-        return nn.Sequential(nn.Linear(embed_dim, self.ff_dim), nn.GELU(), nn.Dropout(options["bridge_dropout"]),
-                             nn.Linear(self.ff_dim, self.expander.numel()))
+        hidden = options["prefix_dim"] or self.ff_dim
+        return nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Dropout(options["bridge_dropout"]),
+                             nn.Linear(hidden, self.expander.numel()))
 
     def prefix_queries(self, embedding):                                           # (B, E) -> (B, Q, d)
         return self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
@@ -1231,23 +1246,51 @@ BRIDGES = {"prefix_memory": PrefixMemoryBridge, "memory": MemoryBridge, "prefix"
 
 
 # ----------------------------------------------------------------------------------------------
-# T5 and its tokenizer. T5 v1.1 / flan-t5 have an output head (lm_head) of their own; t5-small ties
-# it to the input embedding and scales the decoder output. transformers 5.x always builds the two
-# tied from a config and records the difference in `scale_decoder_outputs`; 4.x reads
-# `tie_word_embeddings`. The helpers below keep an untied model untied under both.
+# The decoder (--t5_model, name kept from the guide): any encoder-decoder AutoModelForSeq2SeqLM loads
+# (t5, T5 v1.1, flan-t5, mT5, BART, mBART-50, M2M100, NLLB-200). T5 v1.1 / flan-t5 / mT5 have an
+# output head (lm_head) of their own; t5-small ties it to the input embedding and scales the decoder
+# output. transformers 5.x always builds the two tied from a config and records the difference in
+# `scale_decoder_outputs`; 4.x reads `tie_word_embeddings`. The helpers below keep an untied model
+# untied under both. Multilingual models (NLLB, mBART-50, M2M100) start every target sentence with
+# a language code (--target_lang).
+
+T5_FAMILY = ("t5", "mt5")    # an output head of their own where the config says untied (T5 v1.1, flan-t5, mT5)
+LANGUAGE_CODE = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|[a-z]{2}_[A-Z]{2}|__[a-z]{2,3}__)$")  # eng_Latn en_XX __en__
+ENGLISH_CODES = ("eng_Latn", "en_XX", "en")
+TIED_WEIGHT = re.compile(r"(embed_tokens|lm_head|shared)\.weight$")
 
 
 def load_t5(name_or_path):
-    """T5 and tokenizer from a hub name (t5-small, google/t5-v1_1-base...) or a local folder."""
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    """Model and tokenizer from a hub name (t5-small, facebook/nllb-200-distilled-600M, ...) or a local
+    folder. Anything that is not an encoder-decoder, or whose files lack weights, is refused in one line."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    def unloadable(error):
+        return UserError(f"cannot load the decoder '{name_or_path}': {first_line(error)} "
+                         "(offline? pass a local folder saved with save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        raise unloadable(error) from None
+    if not getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"--t5_model '{name_or_path}' is a {config.model_type} model, not an encoder-decoder: "
+                        "give a sequence-to-sequence model (t5, flan-t5, mT5, BART, mBART-50, M2M100, NLLB-200)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        t5 = T5ForConditionalGeneration.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load T5 '{name_or_path}': {first_line(error)} "
-                        "(offline? pass a local folder saved with save_pretrained)") from None
+        t5, info = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise unloadable(error) from None
+    missing = [key for key in info.get("missing_keys", ()) if not TIED_WEIGHT.search(key)]
+    if missing:
+        raise UserError(f"decoder '{name_or_path}': {len(missing)} of its weights are not in its files (e.g. "
+                        f"{sorted(missing)[0]}) and would start random: its config and weights do not belong together")
     return t5, tokenizer
+
+
+def uses_t5_loss(config):
+    """T5 is run stack by stack, its head only on target tokens. Not mT5: transformers 5.x's MT5 never scales
+    the decoder output, 4.x's does when tied, so its own loss (the model's forward) is the safe one."""
+    return config.model_type == "t5"
 
 
 def config_is_untied(config_dict):
@@ -1255,7 +1298,8 @@ def config_is_untied(config_dict):
 
 
 def is_untied(t5):
-    return t5.lm_head.weight is not t5.get_input_embeddings().weight
+    t5 = unwrapped(t5)
+    return t5.get_output_embeddings().weight is not t5.get_input_embeddings().weight
 
 
 def scales_decoder_output(config):
@@ -1264,44 +1308,146 @@ def scales_decoder_output(config):
 
 
 def portable_t5_config(t5):
-    """T5's config as a dict that 4.x and 5.x both read the same way (untied stays untied)."""
+    """The model's config as a dict that 4.x and 5.x both read the same way (an untied T5 stays untied)."""
     config = json.loads(t5.config.to_json_string())
-    if is_untied(t5):
+    if config.get("model_type", "t5") in T5_FAMILY and is_untied(t5):
         config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
     return config
 
 
 def t5_from_config(config_dict, untied=None):
-    """A T5 built from a saved config, with a separate output head when the model had one."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    """A model built from a saved config (any family; T5 by default), with a separate output head when
+    the model had one."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     untied = config_is_untied(config_dict) if untied is None else untied
-    config = {k: v for k, v in config_dict.items() if k != "scale_decoder_outputs"}
-    t5 = T5ForConditionalGeneration(T5Config.from_dict({**config, "tie_word_embeddings": not untied}))
+    model_type = config_dict.get("model_type", "t5")
+    config = {k: v for k, v in config_dict.items() if k not in ("scale_decoder_outputs", "model_type")}
+    if model_type in T5_FAMILY or untied:
+        config["tie_word_embeddings"] = not untied
+    t5 = AutoModelForSeq2SeqLM.from_config(type(AutoConfig.for_model(model_type)).from_dict(config))
     if untied and not is_untied(t5):   # 5.x ties whatever the config says
         t5.lm_head.weight = nn.Parameter(t5.get_input_embeddings().weight.detach().clone())
     return t5
 
 
 def save_t5_export(t5, tokenizer, folder, weights):
-    """Tokenizer + config (+ weights) loadable with from_pretrained under 4.x and 5.x."""
+    """Tokenizer + config (+ weights) loadable with from_pretrained under 4.x and 5.x. A model with LoRA
+    adapters is written merged (plain weights, no PEFT needed to load it)."""
     tokenizer.save_pretrained(folder)
     settings = Path(folder) / "tokenizer_config.json"
     tokenizer_config = json.loads(settings.read_text())
     if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; 4.x knows the same class as
         tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # PreTrainedTokenizerFast (tokenizer.json)
         atomic_write_text(settings, json.dumps(tokenizer_config, indent=2) + "\n")
+    if weights and hasattr(t5, "merge_and_unload"):
+        t5 = copy.deepcopy(t5).merge_and_unload()
+    t5 = unwrapped(t5)
     (t5.save_pretrained if weights else t5.config.save_pretrained)(folder)
     atomic_write_text(Path(folder) / "config.json", json.dumps(portable_t5_config(t5), indent=2) + "\n")
 
 
+def unwrapped(t5):
+    """The transformers model inside a PEFT wrapper (LoRA layers stay in it), or the model itself."""
+    return t5.get_base_model() if hasattr(t5, "get_base_model") else t5
+
+
 def embedding_scale(t5):
-    """RMS of T5's own token embeddings: the scale its pretrained layers expect as input."""
-    return float(t5.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+    """RMS of what the model's encoder receives for its own tokens: the scale its pretrained layers
+    expect. T5: its embedding rows. BART, mBART, M2M100/NLLB: the rows x sqrt(d_model) (a scaled
+    embedding in transformers 5.x; an `embed_scale` applied by the encoder in older versions)."""
+    encoder = t5.get_encoder()
+    embed = getattr(encoder, "embed_tokens", None) or t5.get_input_embeddings()
+    if type(embed) is nn.Embedding:
+        return float(embed.weight.detach().float().pow(2).mean().sqrt()) * float(getattr(encoder, "embed_scale", 1.0) or 1.0)
+    count = embed.weight.shape[0]
+    ids = torch.linspace(0, count - 1, min(count, 4096), device=embed.weight.device).long()
+    with torch.no_grad():
+        return float(embed(ids).float().pow(2).mean().sqrt())
 
 
-# ----------------------------------------------------------------------------------------------
-# The model
+def language_codes(tokenizer):
+    """The target-language codes a multilingual tokenizer knows: {code: token id} (NLLB's eng_Latn,
+    mBART-50's en_XX, M2M100's __en__ as en); empty for a monolingual one."""
+    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return {(token[2:-2] if token.startswith("__") else token): tokenizer.convert_tokens_to_ids(token)
+            for token in tokens if LANGUAGE_CODE.match(token)}
+
+
+def target_language(tokenizer, requested, name):
+    """(code, token id) of the target language: --target_lang, else English where the model has codes;
+    None for models without language codes (T5, BART, mT5)."""
+    codes = language_codes(tokenizer)
+    if requested is None:
+        return next(((code, codes[code]) for code in ENGLISH_CODES if code in codes), None)
+    if not codes:
+        raise UserError(f"--target_lang {requested}: decoder '{name}' has no language codes (not a multilingual "
+                        "model such as NLLB or mBART-50): leave --target_lang out")
+    if requested not in codes:
+        raise UserError(f"--target_lang {requested} is not a language code of '{name}'; its codes: "
+                        + ", ".join(sorted(codes)))
+    return requested, codes[requested]
+
+
+def weights_fingerprint(t5):
+    """sha256 of a model's weights (names, shapes, dtypes, bytes): tells a frozen base model from another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unwrapped(t5).state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def enable_checkpointing(t5):
+    """Activation (gradient) checkpointing: 5.x's name, else 4.x's; non-reentrant, so gradients reach
+    the bridge through a frozen decoder."""
+    if hasattr(t5, "activation_checkpointing_enable"):
+        t5.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def with_lora(t5, rank, alpha):
+    """LoRA adapters on the model's attention (PEFT's target modules for its family); the base frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora_rank needs the peft package: pip install peft") from None
+    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05)
+    try:
+        return get_peft_model(t5, config)
+    except ValueError as error:
+        raise UserError(f"--lora_rank: PEFT has no LoRA target modules for a {t5.config.model_type} model "
+                        f"({first_line(error)})") from None
+
+
+def comparable_config(config):
+    """A model config without what says how or where it was saved (not what the model is)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in (
+        "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache")}
+
+
+def load_tokenizer(name, origin):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{origin}: cannot load the tokenizer of decoder '{name}' ({first_line(error)}); "
+                        "offline? keep its t5_export/ folder beside the checkpoint") from None
+
+
+def base_decoder(spec, where=None, origin="this checkpoint"):
+    """The base model a frozen or LoRA checkpoint was trained on (by name, or from `where`), with its
+    tokenizer and fingerprint; refused in one line when its weights are not the ones trained on."""
+    where = str(where or spec["name"])
+    t5, tokenizer = load_t5(where)
+    fingerprint = weights_fingerprint(t5.float())
+    if fingerprint != spec["fingerprint"]:
+        raise UserError(f"{origin} holds only what was trained on top of decoder '{spec['name']}' (weights "
+                        f"{spec['fingerprint'][:12]}), but '{where}' has other weights ({fingerprint[:12]}): "
+                        "give that base model (--t5_model)")
+    return t5, tokenizer, fingerprint
 
 
 class SONARwithT5(nn.Module):
@@ -1321,12 +1467,14 @@ class SONARwithT5(nn.Module):
     """
 
     def __init__(self, sonar_checkpoint=None, t5_model_name=DEFAULT_T5, freeze_encoder=True, device="cuda", *,
-                 t5=None, tokenizer=None, encoder_dims=None, feature_dim=None, **bridge_options):
+                 t5=None, tokenizer=None, encoder_dims=None, feature_dim=None, decoder_fingerprint=None,
+                 **options):
         super().__init__()
-        unknown = set(bridge_options) - set(MODEL_DEFAULTS)
+        unknown = set(options) - set(MODEL_DEFAULTS) - set(DECODER_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown SONARwithT5 options: {sorted(unknown)}")
-        options = {**MODEL_DEFAULTS, **bridge_options}
+        decoder_options = {k: options.pop(k, v) for k, v in DECODER_DEFAULTS.items()}
+        options = {**MODEL_DEFAULTS, **options}
         if options["bridge"] not in BRIDGES:
             raise UserError(f"unknown bridge '{options['bridge']}' (choose from {BRIDGE_KINDS})")
         if sonar_checkpoint is not None:
@@ -1337,13 +1485,87 @@ class SONARwithT5(nn.Module):
             raise UserError("SONARwithT5 needs sonar_checkpoint (or encoder_dims)")
         if t5 is None:
             t5, tokenizer = load_t5(t5_model_name)
-        self.t5, self.tokenizer = t5, tokenizer
-        self.t5_model_name, self.freeze_encoder, self.options = t5_model_name, freeze_encoder, options
+        self.freeze_encoder, self.options = freeze_encoder, options
         if freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
             self.sonar_encoder.requires_grad_(False).eval()
-        self.bridge = BRIDGES[options["bridge"]](self.sonar_encoder.output_dim, t5.config.d_model, options,
-                                                 feature_dim or self.sonar_encoder.input_dim, embedding_scale(t5))
+        self.register_buffer("decoder_spec", torch.zeros(0, dtype=torch.uint8))
+        self.attach_decoder(t5, tokenizer, t5_model_name, fingerprint=decoder_fingerprint, **decoder_options)
+        self.bridge = self.make_bridge(feature_dim or self.sonar_encoder.input_dim)
         self.to(resolve_device(device) if isinstance(device, str) else device)
+
+    def make_bridge(self, frame_dim):
+        return BRIDGES[self.options["bridge"]](self.sonar_encoder.output_dim, self.decoder_model.config.d_model,
+                                               self.options, frame_dim, embedding_scale(self.decoder_model))
+
+    # -- the decoder (any seq2seq model; trained in full, frozen or through LoRA adapters) ------------
+
+    def attach_decoder(self, t5, tokenizer, name, *, target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0,
+                       gradient_checkpointing=False, fingerprint=None):
+        """Use `t5` (a plain transformers model) as the decoder: its target language, how it trains, and
+        the spec recorded in the state dict (`decoder_spec`) that lets a checkpoint rebuild it."""
+        t5 = t5.float()   # half-precision hub weights: autocast, not the weights, sets the compute precision
+        language = target_language(tokenizer, target_lang, name)
+        training = "lora" if lora_rank else "frozen" if freeze_t5 else "full"
+        spec = {"name": str(name), "config": comparable_config(portable_t5_config(t5)), "training": training,
+                "target_lang": language[0] if language else None,
+                "lora": [lora_rank, lora_alpha or 2 * lora_rank] if lora_rank else None,
+                # a checkpoint without the base weights names them by their fingerprint
+                "fingerprint": (fingerprint or weights_fingerprint(t5)) if training != "full" else None}
+        if lora_rank:
+            t5 = with_lora(t5, *spec["lora"])
+        elif freeze_t5:
+            t5.requires_grad_(False)
+        if gradient_checkpointing:
+            enable_checkpointing(unwrapped(t5))
+        self.t5, self.tokenizer, self.t5_model_name = t5, tokenizer, str(name)
+        self.target_lang_id = language[1] if language else None
+        self.gradient_checkpointing = gradient_checkpointing
+        self.decoder_spec = torch.tensor(list(json.dumps(spec, sort_keys=True).encode()), dtype=torch.uint8,
+                                         device=self.decoder_spec.device)
+
+    @property
+    def decoder(self):
+        """The decoder's spec: {"name", "config", "training" (full | frozen | lora), "target_lang", "lora",
+        "fingerprint" (of the base weights, when a checkpoint does not hold them)}."""
+        return json.loads(bytes(self.decoder_spec.tolist()).decode())
+
+    @property
+    def decoder_model(self):
+        """The transformers model (inside its PEFT wrapper with --lora_rank)."""
+        return unwrapped(self.t5)
+
+    def fit_decoder(self, spec, where=None, origin="this checkpoint"):
+        """Rebuild the decoder a state dict was saved with, when it is not this one (Cell 7 builds a default
+        t5-small model, then loads any best_model.pt): from its config when the checkpoint holds all its
+        weights, else the base model by name (or `where`), refused when its weights differ. The bridge is
+        rebuilt too when the width changes."""
+        current = self.decoder
+        if all(spec.get(key) == current.get(key) for key in ("config", "training", "target_lang", "lora", "fingerprint")):
+            return
+        if spec["training"] == "full":
+            t5, tokenizer, fingerprint = t5_from_config(spec["config"]), load_tokenizer(spec["name"], origin), None
+        else:
+            t5, tokenizer, fingerprint = base_decoder(spec, where, origin)
+        width = self.decoder_model.config.d_model
+        self.attach_decoder(t5, tokenizer, spec["name"], target_lang=spec["target_lang"],
+                            freeze_t5=spec["training"] == "frozen", lora_rank=(spec["lora"] or [0, 0])[0],
+                            lora_alpha=(spec["lora"] or [0, 0])[1], fingerprint=fingerprint,
+                            gradient_checkpointing=self.gradient_checkpointing)
+        if self.decoder_model.config.d_model != width:
+            frame_encoder = self.bridge.frame_encoder
+            self.bridge = self.make_bridge(frame_encoder.frame_mean.shape[0] if frame_encoder else self.sonar_encoder.input_dim)
+        self.to(self.device)
+
+    def trained_state_dict(self):
+        """What checkpoints hold (on CPU): everything but a frozen or LoRA-adapted decoder's base weights,
+        which are rebuilt from the named base model (`decoder_spec`)."""
+        if self.decoder["training"] == "full":
+            return cpu_state_dict(self)
+        return cpu_state_dict(self, keep=lambda key: not self.is_base_weight(key))
+
+    @staticmethod
+    def is_base_weight(key):
+        return key.startswith("t5.") and "lora_" not in key
 
     # The guide's names.
     @property
@@ -1371,10 +1593,23 @@ class SONARwithT5(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """nn.Module's, after renaming the keys of checkpoints saved before bridges were modules and
-        fitting the frame path to the checkpoint's: the guide's Cell 7 builds a default model and loads
-        any best_model.pt into it, with frames or without (before frames were the default), any stride."""
-        state_dict = self.fit_frame_path(upgrade_state_dict(state_dict))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        fitting the decoder and the frame path to the checkpoint's: the guide's Cell 7 builds a default
+        model and loads any best_model.pt into it: another decoder, frozen or LoRA-adapted (the base weights
+        then come from the named base model), with frames or without, any stride."""
+        state_dict = upgrade_state_dict(state_dict)
+        spec = state_dict.get("decoder_spec")
+        if spec is not None:   # saved before decoders were recorded: a fully trained T5, like this one
+            self.fit_decoder(json.loads(bytes(spec.tolist()).decode()))
+        state_dict = {**state_dict, "decoder_spec": self.decoder_spec}
+        state_dict = self.fit_frame_path(state_dict)
+        if self.decoder["training"] == "full":
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not self.is_base_weight(key)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\tMissing key(s): "
+                               f"{missing}; unexpected key(s): {result.unexpected_keys}")
+        return result._replace(missing_keys=missing)
 
     def fit_frame_path(self, state_dict):
         """Rebuild (or drop) the frame encoder so its shape is the one `state_dict` was saved with; returns
@@ -1459,9 +1694,11 @@ class SONARwithT5(nn.Module):
 
     def labels_from_texts(self, texts, max_length=None):
         """Target sentences as token ids padded with -100 (left out of the loss): (B, L)."""
-        encoded = self.tokenizer(list(texts), max_length=max_length, truncation=max_length is not None,
-                                 padding=True, return_tensors="pt")
-        return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        rows = self.target_ids(texts, max_length)
+        labels = torch.full((len(rows), max(len(row) for row in rows)), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            labels[i, : len(row)] = torch.tensor(row)
+        return labels
 
     def as_batch(self, batch):
         """This module's batch dict from the original collate_fn's ({"video_ids", "features", "texts"})."""
@@ -1479,61 +1716,92 @@ class SONARwithT5(nn.Module):
         return {"features": features, "length": lengths, "clip_mean": masked_mean(features, lengths)}
 
     def loss(self, batch, label_smoothing=0.0):
-        """T5 is called stack by stack so its vocabulary head (a quarter of t5-small's training FLOPs)
-        runs only where there is a target token, not on the -100 padding."""
+        """Token-level cross-entropy: (loss, target tokens). T5 is called stack by stack so its
+        vocabulary head (a quarter of t5-small's training FLOPs) runs only where there is a target token,
+        not on the -100 padding; other families compute their own loss (BART, mBART and NLLB start
+        the decoder from their own start token)."""
         inputs_embeds, attention_mask = self.t5_inputs(batch)               # (B, Q [+ T], d)
         labels = batch["labels"].to(self.device)                             # (B, L)
-        config = self.t5.config
+        targets = labels != -100
+        smoothing = label_smoothing if self.training else 0.0
+        t5 = self.decoder_model
+        config = t5.config
+        if not uses_t5_loss(config):
+            output = self.t5(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            if not smoothing:
+                return output.loss, targets.sum()
+            return F.cross_entropy(output.logits[targets].float(), labels[targets], label_smoothing=smoothing), targets.sum()
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], config.decoder_start_token_id),
                                        labels[:, :-1]], dim=1)
         decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, config.pad_token_id)
-        memory = self.t5.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]   # (B, Q [+ T], d)
-        hidden = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
-                                 encoder_attention_mask=attention_mask, use_cache=False)[0]  # (B, L, d)
-        targets = labels != -100
+        memory = t5.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]   # (B, Q [+ T], d)
+        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
+                            encoder_attention_mask=attention_mask, use_cache=False)[0]  # (B, L, d)
         hidden = hidden[targets]                                             # (N, d)
         if scales_decoder_output(config):
             hidden = hidden * config.d_model ** -0.5
-        logits = self.t5.lm_head(hidden)                                     # (N, V)
-        loss = F.cross_entropy(logits.float(), labels[targets], label_smoothing=label_smoothing if self.training else 0.0)
+        logits = t5.lm_head(hidden)                                          # (N, V)
+        loss = F.cross_entropy(logits.float(), labels[targets], label_smoothing=smoothing)
         return loss, targets.sum()
 
     @torch.no_grad()
     def generate(self, batch, **gen_kwargs):
-        """Sentences for a batch; gen_kwargs go to T5's generate (max_new_tokens always set)."""
+        """Sentences for a batch; gen_kwargs go to the decoder's generate (max_new_tokens always set). A
+        multilingual decoder's first token is forced to the target language's code, left out of the text."""
         inputs_embeds, attention_mask = self.t5_inputs(batch)
         gen_kwargs.setdefault("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
+        if self.target_lang_id is not None:
+            gen_kwargs.setdefault("forced_bos_token_id", self.target_lang_id)
         ids = self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs)
+        if self.target_lang_id is not None:
+            ids = ids.masked_fill(ids == self.target_lang_id, self.tokenizer.pad_token_id)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def target_ids(self, texts, max_length=None):
+        """Token ids of target sentences (lists, unpadded): the tokenizer's, or for a multilingual decoder
+        the target-language code, the sentence and </s> (as NLLB's and mBART-50's tokenizers lay out targets)."""
+        if self.target_lang_id is None:
+            return self.tokenizer(list(texts), max_length=max_length, truncation=max_length is not None)["input_ids"]
+        rows = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        end = max_length - 2 if max_length else None
+        return [[self.target_lang_id, *row[:end], self.tokenizer.eos_token_id] for row in rows]
 
     def config_dict(self):
         """What it takes to rebuild this model without the training flags (saved in checkpoints)."""
-        frame_encoder = self.bridge.frame_encoder
+        frame_encoder, decoder = self.bridge.frame_encoder, self.decoder
+        lora_rank, lora_alpha = decoder["lora"] or (0, 0)
         return {"t5_model": self.t5_model_name, "freeze_encoder": self.freeze_encoder,
                 "encoder_dims": list(self.sonar_encoder.dims), **self.options,
-                "feature_dim": frame_encoder.frame_mean.shape[0] if frame_encoder else None}
+                "feature_dim": frame_encoder.frame_mean.shape[0] if frame_encoder else None,
+                "target_lang": decoder["target_lang"], "freeze_t5": decoder["training"] == "frozen",
+                "lora_rank": lora_rank, "lora_alpha": lora_alpha}
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", checkpoint=None):
-        """Rebuild a trained model from best_model.pt alone (+ its t5_export/ folder, if present).
+    def from_checkpoint(cls, path, device="cpu", checkpoint=None, base=None):
+        """Rebuild a trained model from best_model.pt alone (+ its t5_export/ folder, if present; a frozen
+        or LoRA decoder's base model by its recorded name, or from `base`, checked by fingerprint).
         `checkpoint`: the file's contents when the caller has already loaded them."""
         checkpoint = checkpoint if checkpoint is not None else safe_torch_load(path, "model checkpoint")
         check_model_checkpoint(checkpoint, path)
         config = checkpoint["model_config"]
-        export = Path(path).parent / "t5_export"
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(export if export.is_dir() else config["t5_model"])
-        except (OSError, ValueError) as error:
-            raise UserError(f"{path}: no tokenizer in {export} nor at '{config['t5_model']}' "
-                            f"({first_line(error)})") from None
         state = upgrade_state_dict(checkpoint["model_state_dict"])
-        head, embedding = state.get("t5.lm_head.weight"), state.get("t5.shared.weight")
-        untied = config_is_untied(checkpoint["t5_config"]) or (
-            head is not None and embedding is not None and not torch.equal(head, embedding))
-        model = cls(None, config["t5_model"], config["freeze_encoder"], device,
-                    t5=t5_from_config(checkpoint["t5_config"], untied), tokenizer=tokenizer,
+        spec = state.get("decoder_spec")
+        spec = json.loads(bytes(spec.tolist()).decode()) if spec is not None else {"training": "full"}
+        export = Path(path).parent / "t5_export"
+        fingerprint = None
+        if spec["training"] == "full":
+            head, embedding = state.get("t5.lm_head.weight"), state.get("t5.shared.weight")
+            untied = config_is_untied(checkpoint["t5_config"]) or (
+                head is not None and embedding is not None and not torch.equal(head, embedding))
+            t5, tokenizer = t5_from_config(checkpoint["t5_config"], untied), None
+        else:
+            t5, tokenizer, fingerprint = base_decoder(spec, base, origin=str(path))
+        if export.is_dir() or tokenizer is None:
+            tokenizer = load_tokenizer(export if export.is_dir() else config["t5_model"], str(path))
+        decoder_options = {k: config.get(k, PREVIOUS_DEFAULTS.get(k)) for k in DECODER_DEFAULTS if k != "gradient_checkpointing"}
+        model = cls(None, config["t5_model"], config["freeze_encoder"], device, t5=t5, tokenizer=tokenizer,
                     encoder_dims=config["encoder_dims"], feature_dim=config.get("feature_dim"),
+                    decoder_fingerprint=fingerprint, **decoder_options,
                     **{k: config.get(k, PREVIOUS_DEFAULTS.get(k, MODEL_DEFAULTS[k])) for k in MODEL_DEFAULTS})
         load_model_state(model, state, path)
         return model
@@ -1744,8 +2012,8 @@ def diagnose_collapse(diagnostics):
         return (f"Mode collapse ({share}) starts in the BRIDGE: its outputs barely differ between clips "
                 f"(spread {d['bridge_spread_clips']:.1e}); keep --standardize on (the default) and train longer.")
     return (f"Mode collapse ({share}) is in the DECODER: the bridge passes on per-clip differences "
-            f"(spread {d['bridge_spread_clips']:.2f}) but T5 ignores them; train longer, or raise "
-            "--bridge_learning_rate, and check that references are correct (--check).")
+            f"(spread {d['bridge_spread_clips']:.2f}) but the decoder ignores them; train longer, or raise "
+            "--bridge_learning_rate (with --freeze_t5: try --lora_rank), and check that references are correct (--check).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1807,15 +2075,28 @@ def autocast_for(device, precision):
     return contextlib.nullcontext()
 
 
-def epoch_batches(num_items, batch_size, epoch, seed, world):
+GROUP_BATCHES = 50   # length grouping: clips are sorted by length within runs of this many batches
+
+
+def epoch_batches(num_items, batch_size, epoch, seed, world, lengths=None):
     """This process's batches for an epoch: a fresh shuffle per epoch, sharded across processes
-    like DistributedSampler (padded to a multiple of the world size); reproducible for resume."""
+    like DistributedSampler (padded to a multiple of the world size); reproducible for resume.
+    With `lengths` (frames per clip), batches hold clips of similar length (the frames are padded to
+    the batch's longest): the shuffled order is cut into runs of GROUP_BATCHES batches, each run
+    sorted by length and cut into batches, and the batches shuffled again."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_items, generator=generator).tolist()
     if world.size > 1:
         order += order[: (-len(order)) % world.size]
         order = order[world.rank:: world.size]
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if lengths is None:
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    run = batch_size * GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), run):
+        grouped = sorted(order[start: start + run], key=lambda i: -int(lengths[i]))
+        batches += [grouped[i: i + batch_size] for i in range(0, len(grouped), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def length_sorted_batches(dataset, indices, batch_size):
@@ -2028,6 +2309,7 @@ class Trainer:
         random.seed(args.seed)
         resume_from = self.resume_checkpoint() if args.resume else None   # refused early, before any data is read
         self.raw_model = SONARwithT5(args.sonar_checkpoint, args.t5_model, args.freeze_encoder, self.device,
+                                     **{k: getattr(args, k) for k in DECODER_DEFAULTS},
                                      **{k: getattr(args, k) for k in MODEL_DEFAULTS})
         self.train_set, self.val_set = self.load_datasets()
         train_embeddings = encode_dataset(self.raw_model, self.train_set)
@@ -2056,7 +2338,7 @@ class Trainer:
                                       strict=args.strict, return_frames=args.frame_attention,
                                       trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
                                       max_samples=args.max_samples, **frame_source(args), progress=self.world.is_main)
-            dataset.tokenize(self.raw_model.tokenizer, args.max_target_length)
+            dataset.tokenize(self.raw_model, args.max_target_length)
             report_dataset(dataset, manifest)
             lost = dataset.lost_share()
             if lost > args.max_skip_share:
@@ -2148,7 +2430,8 @@ class Trainer:
 
     def train_epoch(self, epoch):
         args, state = self.args, self.state
-        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world)
+        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world,
+                                self.train_set.lengths if self.raw_model.options["frame_attention"] else None)
         loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], args.num_workers, self.device)
         self.model.train()
         bad_in_row = 0
@@ -2474,10 +2757,12 @@ FORMAT1_RENAMES = (("frame_projection.", "bridge.frame_encoder.frame_projection.
                    ("frame_norm.", "bridge.frame_encoder.frame_norm."), ("bridge_blocks.", "bridge.blocks."))
 
 
-def cpu_state_dict(module):
-    """State dict on CPU; tensors that share storage (tied embeddings) stay shared."""
+def cpu_state_dict(module, keep=None):
+    """State dict on CPU (the entries `keep` accepts); tensors that share storage (tied embeddings) stay shared."""
     copies, state = {}, {}
     for name, tensor in module.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
         if key not in copies:
             copies[key] = tensor.detach().cpu().clone()
@@ -2486,8 +2771,8 @@ def cpu_state_dict(module):
 
 
 def model_checkpoint(model, args, **extra):
-    return {"format": CHECKPOINT_FORMAT, "model_state_dict": cpu_state_dict(model),
-            "model_config": model.config_dict(), "t5_config": portable_t5_config(model.t5),
+    return {"format": CHECKPOINT_FORMAT, "model_state_dict": model.trained_state_dict(),
+            "model_config": model.config_dict(), "t5_config": portable_t5_config(model.decoder_model),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra}
 
 
@@ -2511,7 +2796,7 @@ def upgrade_state_dict(state):
             for old, new in FORMAT1_RENAMES:
                 if key.startswith(old):
                     return new + key[len(old):]
-            return key if key.startswith(("t5.", "sonar_encoder.")) else "bridge." + key
+            return key if key.startswith(("t5.", "sonar_encoder.")) or key == "decoder_spec" else "bridge." + key
         state = {renamed(key): value for key, value in state.items()}
     return state
 
@@ -2575,7 +2860,7 @@ def run_check(args):
         ok = False
         print(f"  ERR {error}")
     t5 = Path(args.t5_model)
-    print(f"  ok  T5 '{args.t5_model}': " + ("local folder" if t5.is_dir() else
+    print(f"  ok  decoder '{args.t5_model}': " + ("local folder" if t5.is_dir() else
                                             "hub name (downloaded on first use, cached afterwards)"))
     for split, manifest, features in data_splits(args):
         if features and not Path(features).is_dir():
@@ -2612,7 +2897,8 @@ def run_predict(args, given):
     checkpoint = Path(args.checkpoint or Path(args.output_dir) / "best_model.pt")
     device = resolve_device(args.device)
     contents = safe_torch_load(checkpoint, "model checkpoint")
-    model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents)
+    model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents,
+                                        base=args.t5_model if "t5_model" in given else None)
     saved = contents.get("args", {})
     for name in DECODING_FLAGS:  # decode as in training unless this command says otherwise
         if name not in given and name in saved:
@@ -2707,6 +2993,42 @@ def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0, voc
     if untied:   # an output head that differs from the embedding, as a trained v1.1 model has
         nn.init.normal_(t5.lm_head.weight, std=d_model ** -0.5)
     save_t5_export(t5, tokenizer, folder, weights=True)
+    return folder
+
+
+TINY_FAMILIES = {   # family -> (model_type, language codes added to the tokenizer, scaled token embeddings)
+    "t5": ("t5", (), False), "mt5": ("mt5", (), False), "bart": ("bart", (), False),
+    "mbart": ("mbart", ("en_XX", "fr_XX", "de_DE"), True), "nllb": ("m2m_100", ("eng_Latn", "fra_Latn", "deu_Latn"), True)}
+
+
+def build_tiny_seq2seq(tokenizer, folder, family="t5", d_model=128, layers=2, heads=4, seed=0):
+    """A randomly initialised model of a family (TINY_FAMILIES) and its tokenizer, saved in `folder`,
+    loadable offline like the hub's: mt5 is T5 v1.1-shaped; nllb is M2M100 (NLLB-200's architecture)
+    and mbart mBART-50, each with language-code tokens; they start decoding from </s>, as theirs do."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    if family == "t5":
+        return build_tiny_t5(tokenizer, folder, d_model, layers, heads, seed)
+    model_type, codes, scaled = TINY_FAMILIES[family]
+    tokenizer = copy.deepcopy(tokenizer)
+    if codes:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(codes)})
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if model_type == "mt5":
+        config = AutoConfig.for_model("mt5", d_model=d_model, d_ff=4 * d_model, d_kv=d_model // heads, num_heads=heads,
+                                      num_layers=layers, num_decoder_layers=layers, feed_forward_proj="gated-gelu",
+                                      tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id, **ids)
+    else:
+        config = AutoConfig.for_model(model_type, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                                      encoder_attention_heads=heads, decoder_attention_heads=heads,
+                                      encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
+                                      max_position_embeddings=512, scale_embedding=scaled, bos_token_id=tokenizer.eos_token_id,
+                                      decoder_start_token_id=tokenizer.eos_token_id, **ids)
+    model = t5_from_config(json.loads(config.to_json_string()), untied=model_type == "mt5")
+    if model_type == "mt5":   # an output head that differs from the embedding, as a trained mT5 has
+        nn.init.normal_(model.lm_head.weight, std=d_model ** -0.5)
+    save_t5_export(model, tokenizer, folder, weights=True)
     return folder
 
 
@@ -2848,8 +3170,10 @@ def build_parser():
     g.add_argument("--output_dir", default=None,
                    help="where checkpoints, predictions, metrics and logs go (default checkpoints/sonar_t5, "
                         "demo_output with --demo)")
-    g.add_argument("--t5_model", default=DEFAULT_T5, help="hub name (t5-small, t5-base, google/t5-v1_1-base...) "
-                                                         "or local folder")
+    g.add_argument("--t5_model", default=DEFAULT_T5,
+                   help="the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub name or local "
+                        "folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
+                        "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
     g.add_argument("--log_file", default=None, help="log file (default <output_dir>/train.log)")
 
     g = p.add_argument_group("data")
@@ -2902,6 +3226,22 @@ def build_parser():
                    help="consecutive frames that make one frame token (at least --frame_stride)")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
+    g.add_argument("--prefix_dim", type=int, default=MODEL_DEFAULTS["prefix_dim"],
+                   help=f"hidden width of the prefix MLP (0: the feed-forward width, or {ADAPTER_PREFIX_DIM} with "
+                        "--freeze_t5 / --lora_rank, which keeps their checkpoints small)")
+
+    g = p.add_argument_group("decoder (--t5_model)")
+    g.add_argument("--target_lang", default=None,
+                   help="a multilingual decoder's target language code (NLLB eng_Latn, mBART-50 en_XX, M2M100 "
+                        "en): labels start with it and generation is forced to start with it; default English")
+    g.add_argument("--freeze_t5", action="store_true",
+                   help="keep the decoder's weights frozen: only the bridge (and frame path) train; checkpoints "
+                        "hold those plus the base model's name and fingerprint, not its weights")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on the decoder's attention (needs peft), the base frozen")
+    g.add_argument("--lora_alpha", type=int, default=0, help="LoRA scaling alpha (0: 2 x --lora_rank)")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the decoder's activations in the backward pass: less memory, ~30%% slower")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="training epochs")
@@ -2999,6 +3339,10 @@ def validate_args(args):
     if args.frame_kernel < args.frame_stride:
         problems.append(f"--frame_kernel {args.frame_kernel} must be at least --frame_stride {args.frame_stride} "
                         "(frames between windows would be skipped)")
+    if args.freeze_t5 and args.lora_rank:
+        problems.append("--freeze_t5 and --lora_rank: LoRA already keeps the base frozen; use one of them")
+    if args.lora_rank and not args.check and not args.predict and importlib.util.find_spec("peft") is None:
+        problems.append("--lora_rank needs the peft package: pip install peft")
     if args.max_samples is not None and args.max_samples < 1:
         problems.append(f"--max_samples must be at least 1 (got {args.max_samples})")
     if not args.check and not args.predict:
@@ -3008,7 +3352,7 @@ def validate_args(args):
             problems.append("--bleurt needs the bleurt-pytorch package: pip install "
                             "git+https://github.com/lucadiliello/bleurt-pytorch.git (or leave out --bleurt)")
     for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                 "bridge_ff_dim", "no_repeat_ngram_size", "frame_cache_gb"):
+                 "bridge_ff_dim", "no_repeat_ngram_size", "frame_cache_gb", "prefix_dim", "lora_rank", "lora_alpha"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
     for name in ("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
@@ -3050,7 +3394,7 @@ def validate_args(args):
         with contextlib.suppress(OSError, ValueError, KeyError):
             d_model = json.loads((Path(args.t5_model) / "config.json").read_text())["d_model"]
             if d_model % args.num_heads:
-                problems.append(f"--num_heads {args.num_heads} does not divide T5's d_model {d_model}")
+                problems.append(f"--num_heads {args.num_heads} does not divide the decoder's d_model {d_model}")
     if problems:
         raise UserError("invalid flags:\n  " + "\n  ".join(problems))
 
@@ -3077,6 +3421,8 @@ def main(argv=None):
     is_main = int(os.environ.get("RANK", "0")) == 0
     log_file = None if (args.check or args.predict) else (args.log_file or Path(args.output_dir) / "train.log")
     setup_logging(log_file, is_main)
+    if "prefix_dim" not in given and (args.freeze_t5 or args.lora_rank):
+        args.prefix_dim = ADAPTER_PREFIX_DIM
     try:
         validate_args(args)
         if args.check:

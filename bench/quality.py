@@ -23,6 +23,11 @@ Rows (flags as a user types them; the defaults of train_sonar_with_t5.py do the 
   embedding_lr1e-3   random_lr1e-3 with --no-frame_attention (the sentence embedding only: the default
                      before frames were)
   embedding_cell6    pretrained_cell6 with --no-frame_attention
+  bart_lr1e-3, nllb_lr1e-3, mt5_lr1e-3
+                     random_lr1e-3 with a random tiny decoder of another family (BART; M2M100 with language
+                     codes, NLLB-200's architecture, --target_lang eng_Latn; mT5-shaped), same size and tokenizer
+  frozen_lr1e-3      pretrained T5 at the random row's flags, kept frozen (--freeze_t5: only the bridge trains)
+  lora_lr1e-3        the same with LoRA adapters of rank 8 on its attention (--lora_rank 8, needs peft)
 Each row runs once per seed (--seed: bridge initialisation, batch order, dropout); the table gives the
 mean and the spread (min-max) of BLEU (sacreBLEU, 13a), chrF and the share of distinct predictions on
 the 250 validation sentences, decoded once after the last epoch. Prints the table, then one JSON line.
@@ -61,7 +66,15 @@ ROWS = {
     "pretrained_lr1e-3": ("t5-pretrained", HIGH_LR),
     "embedding_lr1e-3": ("t5-random", HIGH_LR + ["--no-frame_attention"]),
     "embedding_cell6": ("t5-pretrained", CELL6 + ["--no-frame_attention"]),
+    # other decoder families (random, same size as t5-random, same tokenizer + language codes) and the
+    # pretrained T5 kept frozen or adapted with LoRA
+    "bart_lr1e-3": ("bart-random", HIGH_LR),
+    "nllb_lr1e-3": ("nllb-random", HIGH_LR + ["--target_lang", "eng_Latn"]),
+    "mt5_lr1e-3": ("mt5-random", HIGH_LR),
+    "frozen_lr1e-3": ("t5-pretrained", HIGH_LR + ["--freeze_t5"]),
+    "lora_lr1e-3": ("t5-pretrained", HIGH_LR + ["--lora_rank", "8"]),
 }
+FAMILY_DECODERS = {"bart-random": "bart", "nllb-random": "nllb", "mt5-random": "mt5"}
 SENTENCE = re.compile(r"^[A-Z][A-Za-z0-9 ,.;'?!\-]*[.?!]$")
 PRETRAIN = dict(vocab_size=4000, d_model=128, layers=2, heads=4, steps=4000, batch_size=32, learning_rate=1e-3,
                 warmup=200, mask_share=0.3, seed=0)
@@ -199,14 +212,26 @@ def pretrain(random_folder, folder, corpus):
 # Runs
 
 
+def family_decoder(root, name):
+    """A random tiny decoder of another family, built once beside t5-random with its tokenizer."""
+    folder = root / name
+    if name in FAMILY_DECODERS and not (folder / "config.json").is_file():
+        from transformers import AutoTokenizer
+        tsw.build_tiny_seq2seq(AutoTokenizer.from_pretrained(root / "t5-random"), folder, FAMILY_DECODERS[name],
+                               d_model=PRETRAIN["d_model"], layers=PRETRAIN["layers"], heads=PRETRAIN["heads"],
+                               seed=PRETRAIN["seed"])
+    return folder
+
+
 def run(root, out, row, seed, extra):
     decoder, flags = ROWS[row]
+    decoder = family_decoder(root, decoder)
     data = root / "data"
     run_dir = out / f"{row}-seed{seed}"
     argv = ["--sonar_checkpoint", str(data / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
             "--train_features", str(data / "features/train"), "--train_manifest", str(data / "manifests/train.tsv"),
             "--val_features", str(data / "features/val"), "--val_manifest", str(data / "manifests/val.tsv"),
-            "--t5_model", str(root / decoder), "--output_dir", str(run_dir), "--device", "cpu",
+            "--t5_model", str(decoder), "--output_dir", str(run_dir), "--device", "cpu",
             "--seed", str(seed), *flags, *extra]
     epochs = argv[argv.index("--epochs") + 1]
     argv += ["--eval_every", epochs]

@@ -3,6 +3,8 @@
     python bench/throughput.py                                  # CPU: tiny and t5-small shapes
     python bench/throughput.py --device cuda --shapes t5-small  # GPU (bf16 autocast)
     python bench/throughput.py --frames --shapes tiny            # frames: from the frame store vs read each step
+    python bench/throughput.py --decoder_training --shapes t5-small   # full vs frozen vs LoRA: speed, memory, checkpoint
+    python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
 
 Ours and bare are each measured twice, alternating, and keep their best rate. Same process, same
 generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
@@ -26,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,7 +108,8 @@ def measure_ours(root, shape, device, precision, *extra):
     args = trainer.args
     ours = time_epoch(trainer, 0, shape, device)
     eval_rate = time_evaluation(trainer, device)
-    batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.world)
+    batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.world,
+                                trainer.train_set.lengths if args.frame_attention else None)   # as train_epoch
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
     stride = args.frame_stride if args.frame_attention else None
     inputs = [args.num_queries + (-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0)
@@ -235,6 +240,98 @@ def matmul_peak(device):
     return best
 
 
+DECODER_TRAINING = {"full": [], "frozen": ["--freeze_t5"],
+                    "frozen_checkpointing": ["--freeze_t5", "--gradient_checkpointing"], "lora_r8": ["--lora_rank", "8"]}
+
+
+def one_decoder_mode(args, device, precision):
+    """One --decoder_training mode, in a process of its own (its peak memory is its own): the JSON line."""
+    shape = dict(SHAPES[args.shapes])
+    root = Path(args.root)
+    trainer = build_trainer(root, shape, device, precision, *DECODER_TRAINING[args.one_mode])
+    setup_rss = current_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate = time_epoch(trainer, 0, shape, device)
+    with tempfile.NamedTemporaryFile() as f:
+        torch.save(tsw.model_checkpoint(trainer.raw_model, trainer.args), f.name)
+        checkpoint_bytes = Path(f.name).stat().st_size
+    base = {k: v for k, v in trainer.raw_model.decoder_model.state_dict().items() if "lora_" not in k}
+    print(json.dumps({"samples_per_s": rate, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                      "training_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 - setup_rss,
+                      "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+                      "trainable": tsw.count_trainable(trainer.raw_model), "checkpoint_mb": checkpoint_bytes / 2 ** 20,
+                      "decoder_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2 ** 20}))
+
+
+def current_rss():
+    """This process's resident memory now, in GB (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
+def decoder_training_table(args, machine):
+    results = {}
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        with tempfile.TemporaryDirectory() as tmp:
+            make_data(Path(tmp), shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
+            results[name] = {}
+            for mode in DECODER_TRAINING:
+                done = subprocess.run([sys.executable, __file__, "--one_mode", mode, "--root", tmp, "--shapes", name,
+                                       "--threads", str(args.threads), "--device", args.device,
+                                       "--precision", args.precision], capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+                results[name][mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nmachine: {machine}; training samples/s, memory and checkpoint size by how the decoder trains")
+    print("| shape | decoder | samples/s | step cost vs full | peak RSS GB (training part) | peak GPU GB "
+          "| trainable parameters | checkpoint MB | decoder weights MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, modes in results.items():
+        for mode, r in modes.items():
+            gpu = f"{r['peak_gpu_gb']:.2f}" if r["peak_gpu_gb"] is not None else "-"
+            print(f"| {name} | {mode} | {r['samples_per_s']:.2f} | {modes['full']['samples_per_s'] / r['samples_per_s']:.2f}x "
+                  f"| {r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f}) | {gpu} | {r['trainable']:,} "
+                  f"| {r['checkpoint_mb']:.1f} | {r['decoder_mb']:.1f} |")
+    print(json.dumps({"machine": machine, "decoder_training": results}))
+
+
+REAL_SHAPES = {   # configs of the hub models (sizes only: weights random), the users' 768-d frames
+    "t5-small": ("t5", dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8,
+                            vocab_size=32128)),
+    "google/flan-t5-base": ("t5", dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                                       num_heads=12, vocab_size=32128, feed_forward_proj="gated-gelu",
+                                       tie_word_embeddings=False)),
+    "facebook/nllb-200-distilled-600M": ("m2m_100", dict(d_model=1024, encoder_layers=12, decoder_layers=12,
+                                                         encoder_attention_heads=16, decoder_attention_heads=16,
+                                                         encoder_ffn_dim=4096, decoder_ffn_dim=4096,
+                                                         vocab_size=256206, scale_embedding=True)),
+}
+
+
+def checkpoint_sizes_table():
+    """best_model.pt of a frozen / LoRA decoder against the decoder's own weights, default bridge flags."""
+    from transformers import AutoConfig
+
+    tokenizer = tsw.build_tokenizer(tsw.demo_sentences(200, np.random.default_rng(0)))
+    rows = []
+    for name, (model_type, config) in REAL_SHAPES.items():
+        torch.manual_seed(0)
+        decoder = tsw.t5_from_config(json.loads(AutoConfig.for_model(model_type, **config).to_json_string()))
+        decoder_mb = sum(p.numel() * p.element_size() for p in decoder.parameters()) / 2 ** 20
+        for mode, options in (("frozen", dict(freeze_t5=True)), ("lora_r8", dict(lora_rank=8))):
+            model = tsw.SONARwithT5(None, name, device="cpu", t5=tsw.copy.deepcopy(decoder), tokenizer=tokenizer,
+                                    encoder_dims=(768, 512, 512, 1024), feature_dim=768,
+                                    prefix_dim=tsw.ADAPTER_PREFIX_DIM, **options)
+            with tempfile.NamedTemporaryFile() as f:
+                torch.save(tsw.model_checkpoint(model, argparse.Namespace()), f.name)
+                size = Path(f.name).stat().st_size / 2 ** 20
+            rows.append((name, mode, decoder_mb, size))
+            print(f"| {name} | {mode} | {decoder_mb:.0f} | {size:.1f} | {decoder_mb / size:.1f}x |", flush=True)
+        del decoder
+    print(json.dumps({"checkpoint_sizes": rows}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,t5-small", help=f"comma-separated, from {list(SHAPES)}")
@@ -246,13 +343,26 @@ def main():
                         help="instead: training with frames from the frame store vs read from disk at every step")
     parser.add_argument("--read_delay_ms", type=float, default=20,
                         help="--frames: also measure reads delayed this much (a network drive)")
+    parser.add_argument("--decoder_training", action="store_true",
+                        help="instead: full fine-tuning vs frozen decoder (+ gradient checkpointing) vs LoRA")
+    parser.add_argument("--checkpoint_sizes", action="store_true",
+                        help="instead: checkpoint size of frozen / LoRA training on the hub models' shapes")
+    parser.add_argument("--one_mode", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precision = tsw.resolve_precision(args.precision, device)
-    peak = matmul_peak(device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()} CPU, {args.threads} threads")
+    if args.one_mode:
+        return one_decoder_mode(args, device, precision)
+    if args.checkpoint_sizes:
+        print("| decoder | training | decoder weights MB | best_model.pt MB | smaller by |\n|---|---|---|---|---|")
+        return checkpoint_sizes_table()
+    if args.decoder_training:
+        return decoder_training_table(args, machine)
+    peak = matmul_peak(device)
     if args.frames:
         return frames_table(args, device, precision, machine)
     results = {}

@@ -162,3 +162,26 @@ def test_clip_gradients_matches_torch():
         assert norm == pytest.approx(float(expected), rel=1e-5)
         for a, b in zip(ours, theirs):
             assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_training_batches_group_clips_of_similar_length():
+    """Every clip once per epoch, in batches of similar length (less frame padding), in an order that
+    is fixed by seed and epoch (resume) but changes between epochs, and split across processes."""
+    lengths = torch.randint(60, 301, (1000,), generator=torch.Generator().manual_seed(0))
+    one = tsw.World(device=torch.device("cpu"))
+
+    def padded(batches):
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    grouped = tsw.epoch_batches(len(lengths), 16, 3, 7, one, lengths)
+    shuffled = tsw.epoch_batches(len(lengths), 16, 3, 7, one)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert padded(grouped) < 0.75 * padded(shuffled)             # random batches pad to ~the longest clip
+    assert grouped == tsw.epoch_batches(len(lengths), 16, 3, 7, one, lengths)
+    assert grouped != tsw.epoch_batches(len(lengths), 16, 4, 7, one, lengths)
+    # the batches' order is shuffled, not longest first
+    assert [int(lengths[b].max()) for b in grouped] != sorted((int(lengths[b].max()) for b in grouped), reverse=True)
+    ranks = [tsw.epoch_batches(len(lengths), 16, 3, 7, tsw.World(rank=r, size=2, device=torch.device("cpu")),
+                               lengths) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])
+    assert sorted(i for batches in ranks for b in batches for i in b) == list(range(1000))

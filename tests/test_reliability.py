@@ -58,7 +58,8 @@ def assert_same_run(out, reference):
     best, expected = torch.load(out / "best_model.pt"), torch.load(reference / "best_model.pt")
     assert best["epoch"] == expected["epoch"]
     for name, tensor in expected["model_state_dict"].items():
-        assert torch.allclose(best["model_state_dict"][name], tensor, atol=1e-6), name
+        if name != "decoder_spec":   # the decoder's name: its folder, which differs between the two projects
+            assert torch.allclose(best["model_state_dict"][name], tensor, atol=1e-6), name
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(project, uninterrupted):

@@ -1,0 +1,211 @@
+"""Other decoders through --t5_model: BART, NLLB-style (M2M100 with language codes), mT5; frozen, LoRA."""
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import quick_flags, tsw
+
+FAMILIES = ("nllb", "bart", "mt5")
+TARGET_LANG = {"nllb": ["--target_lang", "eng_Latn"], "bart": [], "mt5": []}
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+@pytest.fixture(scope="session")
+def decoders(project_template, tmp_path_factory):
+    """Tiny randomly initialised models of each family, with the project's tokenizer (+ language codes)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("decoders")
+    tokenizer = AutoTokenizer.from_pretrained(project_template["root"] / "t5-small")
+    paths = {family: tsw.build_tiny_seq2seq(tokenizer, folder / family, family, d_model=64) for family in FAMILIES}
+    paths["nllb_other"] = tsw.build_tiny_seq2seq(tokenizer, folder / "nllb_other", "nllb", d_model=64, seed=1)
+    return paths
+
+
+def run(*argv):
+    return tsw.main([str(a) for a in argv])
+
+
+def read_tsv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def weights(folder):
+    model, _ = tsw.load_t5(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_trains_predicts_resumes_and_exports(project, decoders, family):
+    from transformers import AutoModelForSeq2SeqLM
+
+    out = project / f"out_{family}"
+    flags = quick_flags(project, out, "--t5_model", decoders[family], "--report_to", "none", *TARGET_LANG[family])
+    assert run(*flags, "--epochs", "1") == 0
+    assert run(*flags, "--epochs", "2", "--resume") == 0
+    assert [m["epoch"] for m in tsw.read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+    model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    assert type(model.decoder_model).__name__ == {"nllb": "M2M100ForConditionalGeneration", "bart":
+                                                  "BartForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}[family]
+    if family == "nllb":   # targets start with the language code; generation is forced to it and drops it
+        code = model.tokenizer.convert_tokens_to_ids("eng_Latn")
+        assert model.target_lang_id == code and model.target_ids(["Hi there."])[0][0] == code
+    best = read_tsv(out / "best_predictions.tsv")
+    assert not any("eng_Latn" in row["prediction"] or "_Latn" in row["prediction"] for row in best)
+    assert run("--predict", "--checkpoint", out / "best_model.pt", "--features", project / "features/val",
+               "--device", "cpu") == 0
+    assert [(r["id"], r["prediction"]) for r in read_tsv(out / "predictions.tsv")] == \
+           [(r["id"], r["prediction"]) for r in best]
+
+    exported = AutoModelForSeq2SeqLM.from_pretrained(out / "t5_export")
+    trained = {k[len("t5."):]: v for k, v in model.state_dict().items() if k.startswith("t5.")}
+    assert all(torch.equal(v, trained[k]) for k, v in exported.state_dict().items() if k in trained)
+
+
+@pytest.mark.parametrize("family", ["nllb", "bart", "t5"])
+def test_loss_is_the_decoders_own(project, decoders, family):
+    """The loss that trains the bridge equals the model's own loss on the same inputs (T5's faster path too)."""
+    folder = project / "t5-small" if family == "t5" else decoders[family]
+    t5, tokenizer = tsw.load_t5(folder)
+    model = tsw.SONARwithT5(None, str(folder), device="cpu", t5=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
+                            feature_dim=64).eval()
+    batch = model.batch_from_features(torch.randn(3, 20, 64))
+    batch["labels"] = model.labels_from_texts(["Make sure you cut the onion.", "Hi.", "Next we fold the paper."])
+    loss, tokens = model.loss(batch)
+    inputs_embeds, mask = model.t5_inputs(batch)
+    own = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch["labels"]).loss
+    assert torch.allclose(loss, own, atol=1e-5) and int(tokens) == int((batch["labels"] != -100).sum())
+
+
+def test_bridge_output_matches_the_scale_of_the_encoders_own_tokens(decoders):
+    """NLLB multiplies token embeddings by sqrt(d_model) inside its embedding; inputs_embeds are not scaled."""
+    t5, tokenizer = tsw.load_t5(decoders["nllb"])
+    ids = torch.arange(len(tokenizer))
+    own = float(t5.get_encoder().embed_tokens(ids).pow(2).mean().sqrt())
+    rows = float(t5.get_input_embeddings().weight.pow(2).mean().sqrt())
+    assert tsw.embedding_scale(t5) == pytest.approx(own, rel=0.05)
+    assert own == pytest.approx(rows * 64 ** 0.5, rel=0.05)
+    model = tsw.SONARwithT5(None, "nllb", device="cpu", t5=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256))
+    assert float(model.bridge.output_scale) == pytest.approx(own, rel=0.05)
+
+
+def test_target_language_errors_are_one_line(project, decoders, capsys):
+    flags = quick_flags(project, project / "out", "--epochs", "1", "--report_to", "none")
+    assert run(*flags, "--t5_model", decoders["nllb"], "--target_lang", "xx_YY") == 2
+    error = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "xx_YY" in error and "deu_Latn, eng_Latn, fra_Latn" in error
+    assert run(*flags, "--t5_model", decoders["bart"], "--target_lang", "eng_Latn") == 2
+    assert "has no language codes" in capsys.readouterr().out
+
+
+def test_a_model_that_is_not_an_encoder_decoder_is_refused(project, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    assert run(*quick_flags(project, project / "out", "--t5_model", tmp_path / "gpt2", "--report_to", "none")) == 2
+    assert "is a gpt2 model, not an encoder-decoder" in capsys.readouterr().out
+
+
+def test_frozen_decoder_checkpoints_hold_only_the_trained_parts(project, decoders, capsys):
+    out = project / "frozen"
+    flags = quick_flags(project, out, "--t5_model", decoders["nllb"], "--freeze_t5", "--gradient_checkpointing",
+                        "--report_to", "none")
+    assert run(*flags, "--epochs", "2") == 0
+    before = weights(decoders["nllb"])
+    model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    after = model.decoder_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)       # bit-identical after training
+    saved = torch.load(out / "best_model.pt")["model_state_dict"]
+    assert not any(k.startswith("t5.") for k in saved)
+    trained = sum(v.numel() * v.element_size() for k, v in saved.items())
+    assert (out / "best_model.pt").stat().st_size < trained * 1.05 + 200_000    # no decoder weights in the file
+    assert model.decoder["fingerprint"] == tsw.weights_fingerprint(tsw.load_t5(decoders["nllb"])[0])
+
+    assert run("--predict", "--checkpoint", out / "best_model.pt", "--features", project / "features/val",
+               "--device", "cpu") == 0
+    assert [r["prediction"] for r in read_tsv(out / "predictions.tsv")] == \
+           [r["prediction"] for r in read_tsv(out / "best_predictions.tsv")]
+    capsys.readouterr()
+    assert run("--predict", "--checkpoint", out / "best_model.pt", "--features", project / "features/val",
+               "--device", "cpu", "--t5_model", decoders["nllb_other"]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "has other weights" in lines[-1] and "Traceback" not in "".join(lines)
+    # --resume checks the base too, and continues
+    assert run(*flags, "--epochs", "3", "--resume") == 0
+    assert len(tsw.read_jsonl(out / "metrics.jsonl")) == 3
+
+
+def test_guide_cell7_rebuilds_any_decoder_from_its_checkpoint(project, decoders):
+    """Cell 7 builds a default (t5-small) model and loads best_model.pt: a frozen NLLB-style checkpoint
+    brings its decoder (by name) and its bridge width along."""
+    out = project / "frozen"
+    assert run(*quick_flags(project, out, "--t5_model", decoders["nllb"], "--freeze_t5", "--epochs", "1",
+                            "--report_to", "none")) == 0
+    model = tsw.SONARwithT5(sonar_checkpoint="checkpoints/sonar_encoder_finetuned/best_encoder.pt", device="cpu")
+    assert type(model.decoder_model).__name__ == "T5ForConditionalGeneration"
+    model.load_state_dict(torch.load(out / "best_model.pt")["model_state_dict"])
+    reference = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    assert type(model.decoder_model).__name__ == "M2M100ForConditionalGeneration"
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(a, reference.state_dict()[k]) for k, a in model.state_dict().items())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(project, decoders):
+    def step(checkpointing):
+        torch.manual_seed(0)
+        t5, tokenizer = tsw.load_t5(decoders["bart"])
+        model = tsw.SONARwithT5(None, "bart", device="cpu", t5=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
+                                feature_dim=64, freeze_t5=True, gradient_checkpointing=checkpointing).train()
+        assert model.decoder_model.model.encoder.gradient_checkpointing == checkpointing
+        batch = model.batch_from_features(torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1)))
+        batch["labels"] = model.labels_from_texts(["Cut the onion.", "Fold the paper twice."])
+        torch.manual_seed(2)
+        loss = model.loss(batch)[0]
+        loss.backward()
+        assert all(p.grad is None for p in model.t5.parameters())
+        return loss.detach(), model.bridge.expander.grad.clone()
+
+    plain, checkpointed = step(False), step(True)
+    assert torch.allclose(plain[0], checkpointed[0]) and torch.allclose(plain[1], checkpointed[1], atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (tests/requirements.txt installs it)")
+def test_lora_adapters_train_the_attention_and_export_merged(project, decoders):
+    from transformers import AutoModelForSeq2SeqLM
+
+    out = project / "lora"
+    assert run(*quick_flags(project, out, "--t5_model", project / "t5-small", "--lora_rank", "4", "--epochs", "2",
+                            "--report_to", "none")) == 0
+    saved = torch.load(out / "best_model.pt")["model_state_dict"]
+    lora = [k for k in saved if k.startswith("t5.")]
+    assert lora and all("lora_" in k for k in lora)
+    assert any(saved[k].abs().sum() > 0 for k in lora if "lora_B" in k)      # B starts at zero: it trained
+    model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    base = weights(project / "t5-small")
+    merged = AutoModelForSeq2SeqLM.from_pretrained(out / "t5_export").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    assert not all(torch.equal(v, base[k]) for k, v in merged.state_dict().items() if k in base)
+    model.eval()
+    batch = model.batch_from_features(torch.randn(2, 12, 64))
+    inputs_embeds, mask = model.t5_inputs(batch)
+    labels = model.labels_from_texts(["Cut the onion.", "Fold it."])
+    with torch.no_grad():
+        assert torch.allclose(model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels).logits,
+                              merged(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels).logits, atol=1e-4)
+    assert run("--predict", "--checkpoint", out / "best_model.pt", "--features", project / "features/val",
+               "--device", "cpu") == 0
+    assert [r["prediction"] for r in read_tsv(out / "predictions.tsv")] == \
+           [r["prediction"] for r in read_tsv(out / "best_predictions.tsv")]
+
+
+def test_lora_without_peft_is_one_line(project, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    assert run(*quick_flags(project, project / "out", "--lora_rank", "4", "--report_to", "none")) == 2
+    assert "--lora_rank needs the peft package: pip install peft" in capsys.readouterr().out
+    assert not (project / "out" / "last.pt").exists()
