@@ -1409,12 +1409,16 @@ def enable_checkpointing(t5):
 
 
 def with_lora(t5, rank, alpha):
-    """LoRA adapters on the model's attention (PEFT's target modules for its family); the base frozen."""
+    """LoRA adapters on the query and value projections of every attention layer (the usual choice; PEFT's
+    own default where the model names them otherwise); the base frozen."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UserError("--lora_rank needs the peft package: pip install peft") from None
-    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05)
+    names = {name.rsplit(".", 1)[-1] for name, _ in t5.named_modules()}
+    targets = next((pair for pair in (["q_proj", "v_proj"], ["q", "v"]) if set(pair) <= names), None)  # BART/NLLB, T5
+    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05,
+                        target_modules=targets)
     try:
         return get_peft_model(t5, config)
     except ValueError as error:

@@ -86,7 +86,8 @@ def test_bridge_output_matches_the_scale_of_the_encoders_own_tokens(decoders):
     """NLLB multiplies token embeddings by sqrt(d_model) inside its embedding; inputs_embeds are not scaled."""
     t5, tokenizer = tsw.load_t5(decoders["nllb"])
     ids = torch.arange(len(tokenizer))
-    own = float(t5.get_encoder().embed_tokens(ids).pow(2).mean().sqrt())
+    with torch.no_grad():
+        own = float(t5.get_encoder().embed_tokens(ids).pow(2).mean().sqrt())
     rows = float(t5.get_input_embeddings().weight.pow(2).mean().sqrt())
     assert tsw.embedding_scale(t5) == pytest.approx(own, rel=0.05)
     assert own == pytest.approx(rows * 64 ** 0.5, rel=0.05)
@@ -175,18 +176,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(project, decod
 
 
 @pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (tests/requirements.txt installs it)")
-def test_lora_adapters_train_the_attention_and_export_merged(project, decoders):
+@pytest.mark.parametrize("family", ["t5", "nllb"])
+def test_lora_adapters_train_the_attention_and_export_merged(project, decoders, family):
     from transformers import AutoModelForSeq2SeqLM
 
     out = project / "lora"
-    assert run(*quick_flags(project, out, "--t5_model", project / "t5-small", "--lora_rank", "4", "--epochs", "2",
+    folder = project / "t5-small" if family == "t5" else decoders[family]
+    assert run(*quick_flags(project, out, "--t5_model", folder, "--lora_rank", "4", "--epochs", "2",
                             "--report_to", "none")) == 0
     saved = torch.load(out / "best_model.pt")["model_state_dict"]
     lora = [k for k in saved if k.startswith("t5.")]
     assert lora and all("lora_" in k for k in lora)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in lora} == ({"q", "v"} if family == "t5" else {"q_proj", "v_proj"})
     assert any(saved[k].abs().sum() > 0 for k in lora if "lora_B" in k)      # B starts at zero: it trained
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
-    base = weights(project / "t5-small")
+    base = weights(folder)
     merged = AutoModelForSeq2SeqLM.from_pretrained(out / "t5_export").eval()
     assert not any("lora" in k for k in merged.state_dict())
     assert not all(torch.equal(v, base[k]) for k, v in merged.state_dict().items() if k in base)
