@@ -2,11 +2,13 @@
 
 import csv
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import quick_flags, tsw
+from conftest import ROOT, SUBPROCESS_ENV, quick_flags, tsw
 
 FAMILIES = ("nllb", "bart", "mt5")
 TARGET_LANG = {"nllb": ["--target_lang", "eng_Latn"], "bart": [], "mt5": []}
@@ -213,3 +215,15 @@ def test_lora_without_peft_is_one_line(project, monkeypatch, capsys):
     assert run(*quick_flags(project, project / "out", "--lora_rank", "4", "--report_to", "none")) == 2
     assert "--lora_rank needs the peft package: pip install peft" in capsys.readouterr().out
     assert not (project / "out" / "last.pt").exists()
+
+
+def test_torchrun_trains_a_frozen_nllb_style_decoder(project, decoders):
+    out = project / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train_sonar_with_t5.py"), *map(str, quick_flags(
+                   project, out, "--t5_model", decoders["nllb"], "--freeze_t5", "--epochs", "1", "--report_to", "none"))]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert not any(k.startswith("t5.") for k in torch.load(out / "best_model.pt")["model_state_dict"])
+    assert len(read_tsv(out / "best_predictions.tsv")) == 12
