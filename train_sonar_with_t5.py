@@ -2852,6 +2852,22 @@ def set_rng_state(state):
 # Modes: --check (the guide's Cell 3), --predict, --demo
 
 
+def describe_decoder(name, target_lang):
+    """The decoder's family, width and target language, from its config and tokenizer (not its weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"cannot load the decoder '{name}': {first_line(error)} (offline? pass a local folder "
+                        "saved with save_pretrained)") from None
+    if not getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"--t5_model '{name}' is a {config.model_type} model, not an encoder-decoder")
+    language = target_language(load_tokenizer(name, "--t5_model"), target_lang, name)
+    return (f"{config.model_type}, d_model {config.d_model}" + (f", target language {language[0]}" if language else "")
+            + (" (local folder)" if Path(name).is_dir() else " (hub: downloaded on first use, then cached)"))
+
+
 def run_check(args):
     """Verify every path and clip; report per split; exit code 0 only when training can start."""
     ok, encoder_dim = True, None
@@ -2863,9 +2879,11 @@ def run_check(args):
     except UserError as error:
         ok = False
         print(f"  ERR {error}")
-    t5 = Path(args.t5_model)
-    print(f"  ok  decoder '{args.t5_model}': " + ("local folder" if t5.is_dir() else
-                                            "hub name (downloaded on first use, cached afterwards)"))
+    try:
+        print(f"  ok  decoder '{args.t5_model}': {describe_decoder(args.t5_model, args.target_lang)}")
+    except UserError as error:
+        ok = False
+        print(f"  ERR {error}")
     for split, manifest, features in data_splits(args):
         if features and not Path(features).is_dir():
             ok = False

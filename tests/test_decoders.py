@@ -227,3 +227,10 @@ def test_torchrun_trains_a_frozen_nllb_style_decoder(project, decoders):
     assert "2 process(es)" in result.stdout
     assert not any(k.startswith("t5.") for k in torch.load(out / "best_model.pt")["model_state_dict"])
     assert len(read_tsv(out / "best_predictions.tsv")) == 12
+
+
+def test_check_reports_the_decoder_and_its_target_language(project, decoders, capsys):
+    assert tsw.main(["--check", "--t5_model", str(decoders["nllb"])]) == 0
+    assert "m2m_100, d_model 64, target language eng_Latn (local folder)" in capsys.readouterr().out
+    assert tsw.main(["--check", "--t5_model", str(decoders["nllb"]), "--target_lang", "en_XX"]) == 1
+    assert "ERR --target_lang en_XX is not a language code of" in capsys.readouterr().out
