@@ -1339,7 +1339,9 @@ def save_t5_export(t5, tokenizer, folder, weights):
     tokenizer_config = json.loads(settings.read_text())
     if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name; 4.x knows the same class as
         tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # PreTrainedTokenizerFast (tokenizer.json)
-        atomic_write_text(settings, json.dumps(tokenizer_config, indent=2) + "\n")
+    if isinstance(tokenizer_config.get("extra_special_tokens"), list):  # 5.x's list (language codes); 4.x reads
+        tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")  # this name
+    atomic_write_text(settings, json.dumps(tokenizer_config, indent=2) + "\n")
     if weights and hasattr(t5, "merge_and_unload"):
         t5 = copy.deepcopy(t5).merge_and_unload()
     t5 = unwrapped(t5)
@@ -1390,13 +1392,15 @@ def target_language(tokenizer, requested, name):
 
 
 def weights_fingerprint(t5):
-    """sha256 of a model's weights (names, shapes, dtypes, bytes): tells a frozen base model from another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(unwrapped(t5).state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    """sha256 over the model's weights (each parameter's shape, dtype and bytes; tied ones once; names left
+    out, so transformers 4.x and 5.x agree): tells a frozen base model from another."""
+    digests = []
+    for parameter in unwrapped(t5).parameters():
+        tensor = parameter.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+        digests.append(digest.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
 def enable_checkpointing(t5):
