@@ -1280,10 +1280,13 @@ def load_t5(name_or_path):
         t5, info = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise unloadable(error) from None
-    missing = [key for key in info.get("missing_keys", ()) if not TIED_WEIGHT.search(key)]
-    if missing:
+    missing = sorted(key for key in info.get("missing_keys", ()) if not TIED_WEIGHT.search(key))
+    if len(missing) > len(t5.state_dict()) // 2:
         raise UserError(f"decoder '{name_or_path}': {len(missing)} of its weights are not in its files (e.g. "
-                        f"{sorted(missing)[0]}) and would start random: its config and weights do not belong together")
+                        f"{missing[0]}) and would start random: its config and weights do not belong together")
+    if missing:
+        logger.warning(f"decoder '{name_or_path}': {len(missing)} weights not in its files start random: "
+                       + ", ".join(missing[:5]))
     return t5, tokenizer
 
 
@@ -2301,6 +2304,8 @@ class Trainer:
     def __init__(self, args, world, given=frozenset()):
         self.args, self.world = args, world
         self.given = given          # flags typed on the command line (the others may follow last.pt's)
+        if "prefix_dim" not in given and (args.freeze_t5 or args.lora_rank):
+            args.prefix_dim = ADAPTER_PREFIX_DIM    # a small bridge beside a frozen or adapted decoder
         self.device = world.device
         self.out = Path(args.output_dir)
         self.precision = resolve_precision(args.precision, self.device)
@@ -2453,7 +2458,8 @@ class Trainer:
             with self.gradient_sync(last_micro_batch), autocast_for(self.device, self.precision), \
                     out_of_memory_as_user_error(f"at --batch_size {args.batch_size}", OOM_TRAINING_HINT):
                 loss, tokens = self.model(batch, label_smoothing=args.label_smoothing)
-                self.scaler.scale(loss / args.grad_accum_steps).backward()
+                if loss.requires_grad:   # not when a frozen decoder's layerdrop skipped every layer this step
+                    self.scaler.scale(loss / args.grad_accum_steps).backward()
             step_loss = step_loss + loss.detach().float() * tokens
             step_tokens = step_tokens + tokens
             if not last_micro_batch:
@@ -3050,6 +3056,7 @@ def build_tiny_seq2seq(tokenizer, folder, family="t5", d_model=128, layers=2, he
                                       encoder_attention_heads=heads, decoder_attention_heads=heads,
                                       encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
                                       max_position_embeddings=512, scale_embedding=scaled, bos_token_id=tokenizer.eos_token_id,
+                                      encoder_layerdrop=0.0, decoder_layerdrop=0.0,
                                       decoder_start_token_id=tokenizer.eos_token_id, **ids)
     model = t5_from_config(json.loads(config.to_json_string()), untied=model_type == "mt5")
     if model_type == "mt5":   # an output head that differs from the embedding, as a trained mT5 has
@@ -3447,8 +3454,6 @@ def main(argv=None):
     is_main = int(os.environ.get("RANK", "0")) == 0
     log_file = None if (args.check or args.predict) else (args.log_file or Path(args.output_dir) / "train.log")
     setup_logging(log_file, is_main)
-    if "prefix_dim" not in given and (args.freeze_t5 or args.lora_rank):
-        args.prefix_dim = ADAPTER_PREFIX_DIM
     try:
         validate_args(args)
         if args.check:

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import shutil
 import subprocess
 import sys
 
@@ -121,6 +122,7 @@ def test_frozen_decoder_checkpoints_hold_only_the_trained_parts(project, decoder
     assert run(*flags, "--epochs", "2") == 0
     before = weights(decoders["nllb"])
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    assert model.options["prefix_dim"] == tsw.ADAPTER_PREFIX_DIM == model.bridge.prefix_mlp[0].out_features
     after = model.decoder_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)       # bit-identical after training
     saved = torch.load(out / "best_model.pt")["model_state_dict"]
@@ -234,3 +236,12 @@ def test_check_reports_the_decoder_and_its_target_language(project, decoders, ca
     assert "m2m_100, d_model 64, target language eng_Latn (local folder)" in capsys.readouterr().out
     assert tsw.main(["--check", "--t5_model", str(decoders["nllb"]), "--target_lang", "en_XX"]) == 1
     assert "ERR --target_lang en_XX is not a language code of" in capsys.readouterr().out
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(project, decoders, tmp_path, capsys):
+    """A T5 config beside BART weights: before, a random T5 was built and trained in silence."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(decoders["bart"], folder)
+    shutil.copy(project / "t5-small" / "config.json", folder / "config.json")
+    assert run(*quick_flags(project, project / "out", "--t5_model", folder, "--report_to", "none")) == 2
+    assert "weights are not in its files" in capsys.readouterr().out
