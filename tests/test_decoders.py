@@ -67,7 +67,9 @@ def test_each_family_trains_predicts_resumes_and_exports(project, decoders, fami
 
     exported = AutoModelForSeq2SeqLM.from_pretrained(out / "t5_export")
     trained = {k[len("t5."):]: v for k, v in model.state_dict().items() if k.startswith("t5.")}
-    assert all(torch.equal(v, trained[k]) for k, v in exported.state_dict().items() if k in trained)
+    shared = [k for k in exported.state_dict() if k in trained]
+    assert len(shared) >= 0.9 * len(exported.state_dict())
+    assert all(torch.equal(exported.state_dict()[k], trained[k]) for k in shared)
 
 
 @pytest.mark.parametrize("family", ["nllb", "bart", "t5"])
