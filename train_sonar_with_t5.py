@@ -3057,7 +3057,7 @@ def build_tiny_seq2seq(tokenizer, folder, family="t5", d_model=128, layers=2, he
                                       encoder_attention_heads=heads, decoder_attention_heads=heads,
                                       encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
                                       max_position_embeddings=512, scale_embedding=scaled, bos_token_id=tokenizer.eos_token_id,
-                                      encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+                                      encoder_layerdrop=0.0, decoder_layerdrop=0.0, forced_eos_token_id=tokenizer.eos_token_id,
                                       decoder_start_token_id=tokenizer.eos_token_id, **ids)
     model = t5_from_config(json.loads(config.to_json_string()), untied=model_type == "mt5")
     if model_type == "mt5":   # an output head that differs from the embedding, as a trained mT5 has

@@ -11,8 +11,8 @@ import torch
 
 from conftest import ROOT, SUBPROCESS_ENV, quick_flags, tsw
 
-FAMILIES = ("nllb", "bart", "mt5")
-TARGET_LANG = {"nllb": ["--target_lang", "eng_Latn"], "bart": [], "mt5": []}
+FAMILIES = ("nllb", "bart", "mt5", "mbart")
+TARGET_LANG = {"nllb": ["--target_lang", "eng_Latn"], "bart": [], "mt5": [], "mbart": ["--target_lang", "en_XX"]}
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
@@ -54,12 +54,13 @@ def test_each_family_trains_predicts_resumes_and_exports(project, decoders, fami
 
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
     assert type(model.decoder_model).__name__ == {"nllb": "M2M100ForConditionalGeneration", "bart":
-                                                  "BartForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}[family]
-    if family == "nllb":   # targets start with the language code; generation is forced to it and drops it
-        code = model.tokenizer.convert_tokens_to_ids("eng_Latn")
+                                                  "BartForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
+                                                  "mbart": "MBartForConditionalGeneration"}[family]
+    if family in ("nllb", "mbart"):   # targets start with the language code; generation is forced to it, drops it
+        code = model.tokenizer.convert_tokens_to_ids(TARGET_LANG[family][1])
         assert model.target_lang_id == code and model.target_ids(["Hi there."])[0][0] == code
     best = read_tsv(out / "best_predictions.tsv")
-    assert not any("eng_Latn" in row["prediction"] or "_Latn" in row["prediction"] for row in best)
+    assert not any(code in row["prediction"] for row in best for code in ("_Latn", "_XX", "_DE"))
     assert run("--predict", "--checkpoint", out / "best_model.pt", "--features", project / "features/val",
                "--device", "cpu") == 0
     assert [(r["id"], r["prediction"]) for r in read_tsv(out / "predictions.tsv")] == \
