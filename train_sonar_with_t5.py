@@ -1609,8 +1609,9 @@ class SONARwithT5(nn.Module):
         then come from the named base model), with frames or without, any stride."""
         state_dict = upgrade_state_dict(state_dict)
         spec = state_dict.get("decoder_spec")
-        if spec is not None:   # saved before decoders were recorded: a fully trained T5, like this one
+        if spec is not None:
             self.fit_decoder(json.loads(bytes(spec.tolist()).decode()))
+        # (without a spec: saved before decoders were recorded, so a fully trained T5 like this one)
         state_dict = {**state_dict, "decoder_spec": self.decoder_spec}
         state_dict = self.fit_frame_path(state_dict)
         if self.decoder["training"] == "full":
