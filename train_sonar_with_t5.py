@@ -889,9 +889,7 @@ class How2SignDataset(Dataset):
         rows = (tokenizer.target_ids(self.texts, max_target_length) if hasattr(tokenizer, "target_ids") else
                 tokenizer(self.texts, max_length=max_target_length, truncation=True)["input_ids"])
         self.label_lengths = torch.tensor([len(ids) for ids in rows])
-        self.label_ids = torch.full((len(self), int(self.label_lengths.max())), -100, dtype=torch.long)
-        for row, ids in enumerate(rows):
-            self.label_ids[row, : len(ids)] = torch.tensor(ids)
+        self.label_ids = padded_labels(rows)
 
     def frames(self, index):
         """(length, D) float32 frames of one sample: from the cache, else read from its file again."""
@@ -924,6 +922,14 @@ class How2SignDataset(Dataset):
         if self.label_ids is not None:
             item["labels"] = self.label_ids[index]
         return item
+
+
+def padded_labels(rows):
+    """Token id lists as one (N, longest) tensor, padded with -100 (left out of the loss)."""
+    labels = torch.full((len(rows), max(len(row) for row in rows)), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, : len(row)] = torch.tensor(row)
+    return labels
 
 
 def skip_kind(reason):
@@ -1260,26 +1266,36 @@ ENGLISH_CODES = ("eng_Latn", "en_XX", "en")
 TIED_WEIGHT = re.compile(r"(embed_tokens|lm_head|shared)\.weight$")
 
 
-def load_t5(name_or_path):
-    """Model and tokenizer from a hub name (t5-small, facebook/nllb-200-distilled-600M, ...) or a local
-    folder. Anything that is not an encoder-decoder, or whose files lack weights, is refused in one line."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+def unloadable_decoder(name_or_path, error):
+    return UserError(f"cannot load the decoder '{name_or_path}': {first_line(error)} "
+                     "(offline? pass a local folder saved with save_pretrained)")
 
-    def unloadable(error):
-        return UserError(f"cannot load the decoder '{name_or_path}': {first_line(error)} "
-                         "(offline? pass a local folder saved with save_pretrained)")
+
+def decoder_config(name_or_path):
+    """The decoder's config (no weights read); anything that is not an encoder-decoder is refused in one line."""
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as error:
-        raise unloadable(error) from None
+        raise unloadable_decoder(name_or_path, error) from None
     if not getattr(config, "is_encoder_decoder", False):
         raise UserError(f"--t5_model '{name_or_path}' is a {config.model_type} model, not an encoder-decoder: "
                         "give a sequence-to-sequence model (t5, flan-t5, mT5, BART, mBART-50, M2M100, NLLB-200)")
+    return config
+
+
+def load_t5(name_or_path):
+    """Model and tokenizer from a hub name (t5-small, facebook/nllb-200-distilled-600M, ...) or a local
+    folder. Anything that is not an encoder-decoder, or whose files lack weights, is refused in one line."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    decoder_config(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         t5, info = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
-        raise unloadable(error) from None
+        raise unloadable_decoder(name_or_path, error) from None
     missing = sorted(key for key in info.get("missing_keys", ()) if not TIED_WEIGHT.search(key))
     if len(missing) > len(t5.state_dict()) // 2:
         raise UserError(f"decoder '{name_or_path}': {len(missing)} of its weights are not in its files (e.g. "
@@ -1433,6 +1449,15 @@ def with_lora(t5, rank, alpha):
                         f"({first_line(error)})") from None
 
 
+def spec_tensor(spec):
+    """The decoder spec as the uint8 tensor a state dict carries (JSON bytes), and back (`spec_of`)."""
+    return torch.tensor(list(json.dumps(spec, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def spec_of(tensor):
+    return json.loads(bytes(tensor.tolist()).decode())
+
+
 def comparable_config(config):
     """A model config without what says how or where it was saved (not what the model is)."""
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in (
@@ -1531,14 +1556,13 @@ class SONARwithT5(nn.Module):
         self.t5, self.tokenizer, self.t5_model_name = t5, tokenizer, str(name)
         self.target_lang_id = language[1] if language else None
         self.gradient_checkpointing = gradient_checkpointing
-        self.decoder_spec = torch.tensor(list(json.dumps(spec, sort_keys=True).encode()), dtype=torch.uint8,
-                                         device=self.decoder_spec.device)
+        self.decoder_spec = spec_tensor(spec).to(self.decoder_spec.device)
 
     @property
     def decoder(self):
         """The decoder's spec: {"name", "config", "training" (full | frozen | lora), "target_lang", "lora",
         "fingerprint" (of the base weights, when a checkpoint does not hold them)}."""
-        return json.loads(bytes(self.decoder_spec.tolist()).decode())
+        return spec_of(self.decoder_spec)
 
     @property
     def decoder_model(self):
@@ -1558,10 +1582,10 @@ class SONARwithT5(nn.Module):
         else:
             t5, tokenizer, fingerprint = base_decoder(spec, where, origin)
         width = self.decoder_model.config.d_model
+        lora_rank, lora_alpha = spec["lora"] or (0, 0)
         self.attach_decoder(t5, tokenizer, spec["name"], target_lang=spec["target_lang"],
-                            freeze_t5=spec["training"] == "frozen", lora_rank=(spec["lora"] or [0, 0])[0],
-                            lora_alpha=(spec["lora"] or [0, 0])[1], fingerprint=fingerprint,
-                            gradient_checkpointing=self.gradient_checkpointing)
+                            freeze_t5=spec["training"] == "frozen", lora_rank=lora_rank, lora_alpha=lora_alpha,
+                            fingerprint=fingerprint, gradient_checkpointing=self.gradient_checkpointing)
         if self.decoder_model.config.d_model != width:
             frame_encoder = self.bridge.frame_encoder
             self.bridge = self.make_bridge(frame_encoder.frame_mean.shape[0] if frame_encoder else self.sonar_encoder.input_dim)
@@ -1610,7 +1634,7 @@ class SONARwithT5(nn.Module):
         state_dict = upgrade_state_dict(state_dict)
         spec = state_dict.get("decoder_spec")
         if spec is not None:
-            self.fit_decoder(json.loads(bytes(spec.tolist()).decode()))
+            self.fit_decoder(spec_of(spec))
         # (without a spec: saved before decoders were recorded, so a fully trained T5 like this one)
         state_dict = {**state_dict, "decoder_spec": self.decoder_spec}
         state_dict = self.fit_frame_path(state_dict)
@@ -1706,11 +1730,7 @@ class SONARwithT5(nn.Module):
 
     def labels_from_texts(self, texts, max_length=None):
         """Target sentences as token ids padded with -100 (left out of the loss): (B, L)."""
-        rows = self.target_ids(texts, max_length)
-        labels = torch.full((len(rows), max(len(row) for row in rows)), -100, dtype=torch.long)
-        for i, row in enumerate(rows):
-            labels[i, : len(row)] = torch.tensor(row)
-        return labels
+        return padded_labels(self.target_ids(texts, max_length))
 
     def as_batch(self, batch):
         """This module's batch dict from the original collate_fn's ({"video_ids", "features", "texts"})."""
@@ -1798,7 +1818,7 @@ class SONARwithT5(nn.Module):
         config = checkpoint["model_config"]
         state = upgrade_state_dict(checkpoint["model_state_dict"])
         spec = state.get("decoder_spec")
-        spec = json.loads(bytes(spec.tolist()).decode()) if spec is not None else {"training": "full"}
+        spec = spec_of(spec) if spec is not None else {"training": "full"}
         export = Path(path).parent / "t5_export"
         fingerprint = None
         if spec["training"] == "full":
@@ -2866,15 +2886,7 @@ def set_rng_state(state):
 
 def describe_decoder(name, target_lang):
     """The decoder's family, width and target language, from its config and tokenizer (not its weights)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"cannot load the decoder '{name}': {first_line(error)} (offline? pass a local folder "
-                        "saved with save_pretrained)") from None
-    if not getattr(config, "is_encoder_decoder", False):
-        raise UserError(f"--t5_model '{name}' is a {config.model_type} model, not an encoder-decoder")
+    config = decoder_config(name)
     language = target_language(load_tokenizer(name, "--t5_model"), target_lang, name)
     return (f"{config.model_type}, d_model {config.d_model}" + (f", target language {language[0]}" if language else "")
             + (" (local folder)" if Path(name).is_dir() else " (hub: downloaded on first use, then cached)"))
