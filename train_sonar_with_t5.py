@@ -1581,7 +1581,7 @@ class SONARwithT5(nn.Module):
             t5, tokenizer, fingerprint = t5_from_config(spec["config"]), load_tokenizer(spec["name"], origin), None
         else:
             t5, tokenizer, fingerprint = base_decoder(spec, where, origin)
-        width = self.decoder_model.config.d_model
+        width, device = self.decoder_model.config.d_model, self.device   # (a rebuilt bridge starts on the CPU)
         lora_rank, lora_alpha = spec["lora"] or (0, 0)
         self.attach_decoder(t5, tokenizer, spec["name"], target_lang=spec["target_lang"],
                             freeze_t5=spec["training"] == "frozen", lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -1589,7 +1589,7 @@ class SONARwithT5(nn.Module):
         if self.decoder_model.config.d_model != width:
             frame_encoder = self.bridge.frame_encoder
             self.bridge = self.make_bridge(frame_encoder.frame_mean.shape[0] if frame_encoder else self.sonar_encoder.input_dim)
-        self.to(self.device)
+        self.to(device)
 
     def trained_state_dict(self):
         """What checkpoints hold (on CPU): everything but a frozen or LoRA-adapted decoder's base weights,
