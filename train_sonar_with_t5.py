@@ -72,6 +72,7 @@ logger = logging.getLogger("train_sonar_with_t5")
 
 DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
+FRAME_ROUTES = ("encoder", "cross_attention")
 MODEL_DEFAULTS = dict(
     bridge="prefix_memory",  # per-clip query content, refined by attention over memory tokens
     num_queries=32,          # the guide's `expander` length
@@ -85,14 +86,16 @@ MODEL_DEFAULTS = dict(
     frame_attention=True,    # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
     frame_stride=2,          # one frame token every `frame_stride` frames ...
     frame_kernel=4,          # ... made of this many consecutive frames (windows overlap when kernel > stride)
+    frame_route="encoder",   # frame tokens read by the decoder's encoder, or its cross-attention memory (FrameMemory)
+    frame_memory_layers=0,   # cross_attention route: self-attention layers over the frame tokens
     prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
 )
 ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decoder: small checkpoints
 # How the decoder trains, and its target language (SONARwithT5 keywords, flags of the same names).
 DECODER_DEFAULTS = dict(target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0, gradient_checkpointing=False)
 # What a checkpoint saved before a flag existed (or before its default changed) was trained with.
-PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1, freeze_t5=False, lora_rank=0,
-                         lora_alpha=0, target_lang=None)
+PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1, frame_route="encoder",
+                         frame_memory_layers=0, freeze_t5=False, lora_rank=0, lora_alpha=0, target_lang=None)
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
 ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", "freeze_t5", "lora_rank", "lora_alpha", "target_lang",
                       *MODEL_DEFAULTS)
@@ -1115,6 +1118,28 @@ class FrameEncoder(nn.Module):
         return tokens, torch.arange(tokens.shape[1], device=tokens.device)[None] >= kept[:, None]
 
 
+class FrameMemory(nn.Module):
+    """--frame_route cross_attention: the frame tokens as memory of their own for the decoder's
+    cross-attention, beside what its encoder makes of the bridge's tokens. The decoder's encoder then
+    reads 32 tokens, not 32 + T: a frame token costs each decoder layer a key and a value instead of a
+    pass through every encoder layer. `layers` pre-norm self-attention layers give the frame tokens
+    context first; `scale` starts at the RMS of the decoder encoder's own output."""
+
+    def __init__(self, d_model, options, ff_dim, scale):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, options["num_heads"], ff_dim, options["bridge_dropout"],
+                                       activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(options["frame_memory_layers"]))
+        self.norm = nn.LayerNorm(d_model)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, tokens, padding):      # (B, T, d), (B, T) -> (B, T, d), attention mask (B, T)
+        for layer in self.layers:
+            tokens = layer(tokens, src_key_padding_mask=padding)
+        return self.norm(tokens) * self.scale, (~padding).long()
+
+
 class Bridge(nn.Module):
     """What every bridge shares: input standardisation, the `expander` queries, the output scale."""
 
@@ -1129,6 +1154,7 @@ class Bridge(nn.Module):
         self.ff_dim = options["bridge_ff_dim"] or 4 * d_model
         self.frame_encoder = (FrameEncoder(frame_dim, d_model, options["frame_stride"], options["frame_kernel"])
                               if options["frame_attention"] else None)
+        self.frame_memory = None             # FrameMemory with --frame_route cross_attention (SONARwithT5.make_bridge)
         self.output_norm = nn.LayerNorm(d_model) if options["bridge_layernorm"] else nn.Identity()
         # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
         # drowned by its layers' outputs, so the output scale starts at T5's own embedding scale.
@@ -1387,6 +1413,25 @@ def embedding_scale(t5):
         return float(embed(ids).float().pow(2).mean().sqrt())
 
 
+def encoder_output_scale(t5):
+    """RMS of the model's encoder output for a sequence of its own tokens (spread over the vocabulary,
+    dropout off): the scale its decoder's cross-attention reads."""
+    encoder, embedding = t5.get_encoder(), t5.get_input_embeddings().weight
+    ids = torch.linspace(0, embedding.shape[0] - 1, 64, device=embedding.device).long()[None]
+    training = encoder.training
+    with torch.no_grad():
+        output = encoder.eval()(input_ids=ids)[0]
+    encoder.train(training)
+    return float(output.float().pow(2).mean().sqrt())
+
+
+def encoder_output(memory):
+    """`memory` (B, M, d) as the encoder output a transformers seq2seq model takes (`encoder_outputs=`)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=memory)
+
+
 def language_codes(tokenizer):
     """The target-language codes a multilingual tokenizer knows: {code: token id} (NLLB's eng_Latn,
     mBART-50's en_XX, M2M100's __en__ as en); empty for a monolingual one."""
@@ -1513,6 +1558,8 @@ class SONARwithT5(nn.Module):
         options = {**MODEL_DEFAULTS, **options}
         if options["bridge"] not in BRIDGES:
             raise UserError(f"unknown bridge '{options['bridge']}' (choose from {BRIDGE_KINDS})")
+        if options["frame_route"] not in FRAME_ROUTES:
+            raise UserError(f"unknown frame route '{options['frame_route']}' (choose from {FRAME_ROUTES})")
         if sonar_checkpoint is not None:
             self.sonar_encoder = load_sonar_encoder(sonar_checkpoint)
         elif encoder_dims is not None:
@@ -1530,8 +1577,12 @@ class SONARwithT5(nn.Module):
         self.to(resolve_device(device) if isinstance(device, str) else device)
 
     def make_bridge(self, frame_dim):
-        return BRIDGES[self.options["bridge"]](self.sonar_encoder.output_dim, self.decoder_model.config.d_model,
-                                               self.options, frame_dim, embedding_scale(self.decoder_model))
+        t5 = self.decoder_model
+        bridge = BRIDGES[self.options["bridge"]](self.sonar_encoder.output_dim, t5.config.d_model,
+                                                 self.options, frame_dim, embedding_scale(t5))
+        if bridge.frame_encoder is not None and self.options["frame_route"] == "cross_attention":
+            bridge.frame_memory = FrameMemory(t5.config.d_model, self.options, bridge.ff_dim, encoder_output_scale(t5))
+        return bridge
 
     # -- the decoder (any seq2seq model; trained in full, frozen or through LoRA adapters) ------------
 
@@ -1648,15 +1699,17 @@ class SONARwithT5(nn.Module):
         return result._replace(missing_keys=missing)
 
     def fit_frame_path(self, state_dict):
-        """Rebuild (or drop) the frame encoder so its shape is the one `state_dict` was saved with; returns
-        the state dict (with the window of a checkpoint saved before windows were recorded: one frame)."""
+        """Rebuild (or drop) the frame encoder and the frame memory so their shapes are the ones `state_dict`
+        was saved with; returns the state dict (with the window of a checkpoint saved before windows were
+        recorded: one frame)."""
         projection = state_dict.get("bridge.frame_encoder.frame_projection.weight")
         current = self.bridge.frame_encoder
         if projection is None:
             if current is not None:
                 logger.info("This checkpoint was trained without frames (--no-frame_attention): the model reads "
                             "the sentence embedding only.")
-                self.bridge.frame_encoder, self.options = None, {**self.options, "frame_attention": False}
+                self.bridge.frame_encoder, self.bridge.frame_memory = None, None
+                self.options = {**self.options, "frame_attention": False}
             return state_dict
         mean = state_dict["bridge.frame_encoder.frame_mean"]
         if "bridge.frame_encoder.window" not in state_dict:
@@ -1665,7 +1718,19 @@ class SONARwithT5(nn.Module):
         if current is None or (current.stride, current.kernel, len(current.frame_mean)) != (stride, kernel, len(mean)):
             self.bridge.frame_encoder = FrameEncoder(mean.shape[0], projection.shape[0], stride, kernel).to(self.device)
             self.options = {**self.options, "frame_attention": True, "frame_stride": stride, "frame_kernel": kernel}
+        self.fit_frame_memory(state_dict)
         return state_dict
+
+    def fit_frame_memory(self, state_dict):
+        """The frame route a state dict was saved with: a frame memory (and its depth) when it has one."""
+        layers = {key.split(".")[3] for key in state_dict if key.startswith("bridge.frame_memory.layers.")}
+        route = "cross_attention" if "bridge.frame_memory.scale" in state_dict else "encoder"
+        current = self.bridge.frame_memory
+        if route == self.options["frame_route"] and (current is None or len(current.layers) == len(layers)):
+            return
+        self.options = {**self.options, "frame_route": route, "frame_memory_layers": len(layers)}
+        self.bridge.frame_memory = (FrameMemory(self.decoder_model.config.d_model, self.options, self.bridge.ff_dim, 1.0)
+                                    .to(self.device) if route == "cross_attention" else None)
 
     # -- encoder and bridge --------------------------------------------------------------------
 
@@ -1700,16 +1765,32 @@ class SONARwithT5(nn.Module):
         return self.bridge(self.sentence_embedding(batch), frame_tokens, frame_padding)
 
     def t5_inputs(self, batch):
-        """What T5's encoder reads: the bridge's Q tokens, then with --frame_attention the clip's T
-        frame tokens (the ones the bridge attended to, at the same scale), and the mask of the
-        frames' padding: (B, Q [+ T], d_model), (B, Q [+ T])."""
+        """What T5's encoder reads: the bridge's Q tokens, then with --frame_attention (frame route
+        `encoder`) the clip's T frame tokens (the ones the bridge attended to, at the same scale), and the
+        mask of the frames' padding: (B, Q [+ T], d_model), (B, Q [+ T])."""
+        return self.decoder_inputs(batch)[:2]
+
+    def decoder_inputs(self, batch):
+        """t5_inputs, and the frame memory for the decoder's cross-attention with the frame route
+        `cross_attention` ((B, T, d_model), mask (B, T)); else None."""
         frame_tokens, frame_padding = self.frame_tokens(batch)
         tokens = self.bridge_batch(batch, frame_tokens, frame_padding)
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
-        if frame_tokens is not None:
-            tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
-            mask = torch.cat([mask, (~frame_padding).long()], dim=1)
-        return tokens, mask
+        if frame_tokens is None:
+            return tokens, mask, None
+        if self.bridge.frame_memory is not None:
+            return tokens, mask, self.bridge.frame_memory(frame_tokens, frame_padding)
+        tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
+        return tokens, torch.cat([mask, (~frame_padding).long()], dim=1), None
+
+    def decoder_memory(self, batch):
+        """What the decoder's cross-attention reads: its encoder's output for t5_inputs, then the frame
+        memory (frame route `cross_attention`), and their mask: (B, M, d_model), (B, M)."""
+        inputs_embeds, mask, frame_memory = self.decoder_inputs(batch)
+        memory = self.decoder_model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)[0]
+        if frame_memory is None:
+            return memory, mask
+        return torch.cat([memory, frame_memory[0]], dim=1), torch.cat([mask, frame_memory[1]], dim=1)
 
     # -- T5 --------------------------------------------------------------------------------------
 
@@ -1752,21 +1833,21 @@ class SONARwithT5(nn.Module):
         vocabulary head (a quarter of t5-small's training FLOPs) runs only where there is a target token,
         not on the -100 padding; other families compute their own loss (BART, mBART and NLLB start
         the decoder from their own start token)."""
-        inputs_embeds, attention_mask = self.t5_inputs(batch)               # (B, Q [+ T], d)
+        memory, attention_mask = self.decoder_memory(batch)                 # (B, Q + T, d)
         labels = batch["labels"].to(self.device)                             # (B, L)
         targets = labels != -100
         smoothing = label_smoothing if self.training else 0.0
         t5 = self.decoder_model
         config = t5.config
         if not uses_t5_loss(config):
-            output = self.t5(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+            output = self.t5(encoder_outputs=encoder_output(memory), attention_mask=attention_mask,
+                             labels=labels, use_cache=False)
             if not smoothing:
                 return output.loss, targets.sum()
             return F.cross_entropy(output.logits[targets].float(), labels[targets], label_smoothing=smoothing), targets.sum()
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], config.decoder_start_token_id),
                                        labels[:, :-1]], dim=1)
         decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, config.pad_token_id)
-        memory = t5.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]   # (B, Q [+ T], d)
         hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
                             encoder_attention_mask=attention_mask, use_cache=False)[0]  # (B, L, d)
         hidden = hidden[targets]                                             # (N, d)
@@ -1780,11 +1861,12 @@ class SONARwithT5(nn.Module):
     def generate(self, batch, **gen_kwargs):
         """Sentences for a batch; gen_kwargs go to the decoder's generate (max_new_tokens always set). A
         multilingual decoder's first token is forced to the target language's code, left out of the text."""
-        inputs_embeds, attention_mask = self.t5_inputs(batch)
+        memory, attention_mask = self.decoder_memory(batch)
         gen_kwargs.setdefault("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
         if self.target_lang_id is not None:
             gen_kwargs.setdefault("forced_bos_token_id", self.target_lang_id)
-        ids = self.t5.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs)
+        ids = self.t5.generate(encoder_outputs=encoder_output(memory), attention_mask=attention_mask,
+                               **gen_kwargs)
         if self.target_lang_id is not None:
             ids = ids.masked_fill(ids == self.target_lang_id, self.tokenizer.pad_token_id)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -3271,6 +3353,12 @@ def build_parser():
                    help="temporal striding: one frame token every this many frames")
     g.add_argument("--frame_kernel", type=int, default=MODEL_DEFAULTS["frame_kernel"],
                    help="consecutive frames that make one frame token (at least --frame_stride)")
+    g.add_argument("--frame_route", choices=FRAME_ROUTES, default=MODEL_DEFAULTS["frame_route"],
+                   help="where the frame tokens go: 'encoder' (the decoder's encoder reads them after the bridge's "
+                        "tokens) or 'cross_attention' (beside the encoder's output, straight into the decoder's "
+                        "cross-attention: the encoder reads only the bridge's tokens)")
+    g.add_argument("--frame_memory_layers", type=int, default=MODEL_DEFAULTS["frame_memory_layers"],
+                   help="with --frame_route cross_attention: self-attention layers over the frame tokens first")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
     g.add_argument("--prefix_dim", type=int, default=MODEL_DEFAULTS["prefix_dim"],
@@ -3385,6 +3473,8 @@ def validate_args(args):
                  "max_target_length", "max_bad_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.frame_memory_layers < 0:
+        problems.append(f"--frame_memory_layers must be at least 0 (got {args.frame_memory_layers})")
     if args.frame_kernel < args.frame_stride:
         problems.append(f"--frame_kernel {args.frame_kernel} must be at least --frame_stride {args.frame_stride} "
                         "(frames between windows would be skipped)")

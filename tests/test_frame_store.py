@@ -1,5 +1,6 @@
 """The frame store: clip files read once into a memory-mapped store on local disk, never stale."""
 
+import csv
 import json
 import os
 from collections import Counter
@@ -148,6 +149,32 @@ def test_previous_version_checkpoints_load_and_resume(project, tmp_path, capsys)
     assert not tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").options["frame_attention"]
 
 
+def test_frame_checkpoints_from_before_frame_routes_load_and_resume(project, tmp_path, capsys):
+    """A frame run saved before --frame_route existed (frame tokens read by T5's encoder, nothing recorded
+    about a route): Cell 7's default model, --predict's rebuild and --resume all read it as that route."""
+    out = tmp_path / "before"
+    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"))
+    assert tsw.main(flags + ["--frame_route", "encoder"]) == 0
+    for name in ("best_model.pt", "last.pt"):     # as the previous version wrote them
+        checkpoint = torch.load(out / name)
+        for key in ("frame_route", "frame_memory_layers"):
+            del checkpoint["model_config"][key], checkpoint["args"][key]
+        torch.save(checkpoint, out / name)
+    model = tsw.SONARwithT5(sonar_checkpoint=str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                            t5_model_name=str(project / "t5-small"), device="cpu", frame_route="cross_attention")
+    model.load_state_dict(torch.load(out / "best_model.pt")["model_state_dict"])
+    assert model.options["frame_route"] == "encoder" and model.bridge.frame_memory is None
+    rebuilt = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
+    assert rebuilt.options["frame_route"] == "encoder" and rebuilt.bridge.frame_memory is None
+    batch = rebuilt.batch_from_features(torch.randn(2, 9, 64))
+    assert rebuilt.t5_inputs(batch)[0].shape[1] == rebuilt.options["num_queries"] + 5     # frames in the encoder
+    capsys.readouterr()
+    resumed = [f if f != "1" else "2" for f in flags]                       # --epochs 2, no route typed
+    assert tsw.main(resumed + ["--resume"]) == 0
+    assert [m["epoch"] for m in tsw.read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").options["frame_route"] == "encoder"
+
+
 def test_a_default_model_loads_a_checkpoint_with_another_stride(project, tmp_path):
     out = tmp_path / "stride2"
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "3", "--frame_kernel", "5",
@@ -175,3 +202,44 @@ def test_frame_windows_follow_the_clip_and_ignore_padding():
     assert torch.allclose(tokens[0, 1], encoder.frame_norm(expected), atol=1e-5)
     longer, longer_padding = encoder(torch.cat([frames, torch.randn(1, 5, 3)], dim=1), torch.tensor([7]))
     assert torch.allclose(longer[0, :4], tokens[0], atol=1e-5) and longer_padding[0].tolist() == [False] * 4 + [True] * 2
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, tmp_path, layers):
+    """--frame_route cross_attention: T5's encoder reads only the bridge's queries; the decoder's
+    cross-attention reads its output and then the frame memory. A run trains, --predict reproduces its
+    predictions, and Cell 7's model of the other route (and depth) rebuilds it from the state dict."""
+    out = tmp_path / "cross"
+    route = ["--frame_route", "cross_attention", "--frame_memory_layers", str(layers)]
+    other = ["encoder", 0] if layers else ["cross_attention", 2]
+    assert tsw.main(quick_flags(project, out, "--epochs", "2", "--cache_dir", str(tmp_path / "cache"), *route)) == 0
+    model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").eval()
+    assert model.options["frame_route"] == "cross_attention" and len(model.bridge.frame_memory.layers) == layers
+    frames = torch.randn(3, 11, 64)
+    frames[2, 7:] = 0                                                       # clip 2: 7 frames, then padding
+    batch = model.batch_from_features(frames)
+    queries = model.options["num_queries"]
+    with torch.no_grad():
+        inputs_embeds, inputs_mask = model.t5_inputs(batch)
+        memory, mask = model.decoder_memory(batch)
+        encoded = model.t5.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=inputs_mask)[0]
+    assert inputs_embeds.shape[1] == queries                                # no frame token in the encoder
+    assert memory.shape[1] == queries + 6 and torch.allclose(memory[:, :queries], encoded, atol=1e-5)  # ceil(11 / 2)
+    assert mask[:, queries:].tolist() == [[1] * 6, [1] * 6, [1] * 4 + [0] * 2]
+    batch["labels"] = model.labels_from_texts(["Cut the onion.", "Fold the paper twice.", "Hi."])
+    with torch.no_grad():
+        own = model.t5(encoder_outputs=tsw.encoder_output(memory), attention_mask=mask, labels=batch["labels"]).loss
+        assert torch.allclose(model.loss(batch)[0], own, atol=1e-5)
+    assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features", str(project / "features/val"),
+                     "--manifest", str(project / "manifests/val.tsv"), "--cache_dir", str(tmp_path / "cache"),
+                     "--device", "cpu", "--num_beams", "1", "--max_new_tokens", "24"]) == 0
+    predictions, best = (list(csv.DictReader((out / name).open(), delimiter="\t"))
+                         for name in ("predictions.tsv", "best_predictions.tsv"))
+    assert [(r["id"], r["prediction"]) for r in predictions] == [(r["id"], r["prediction"]) for r in best]
+    state = torch.load(out / "best_model.pt")["model_state_dict"]
+    cell7 = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"), str(project / "t5-small"),
+                            device="cpu", frame_route=other[0], frame_memory_layers=other[1])
+    cell7.load_state_dict(state)
+    assert cell7.options["frame_route"] == "cross_attention" and cell7.options["frame_memory_layers"] == layers
+    assert cell7.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in cell7.state_dict().items() if k in state)
