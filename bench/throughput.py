@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -113,17 +114,33 @@ def measure_ours(root, shape, device, precision, *extra):
                                 else None)   # as train_epoch
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
     stride = args.frame_stride if args.frame_attention else None
-    inputs = [args.num_queries + (-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0)
-              for b in batches]
+    frames = [-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0 for b in batches]
+    # (tokens T5's encoder reads, tokens its cross-attention reads besides the encoder's output)
+    if trainer.raw_model.bridge.frame_memory is not None:
+        inputs = [(args.num_queries, count) for count in frames]
+    else:
+        inputs = [(args.num_queries + count, 0) for count in frames]
     return ours, eval_rate, setup_s, labels, inputs, trainer
 
 
 def time_evaluation(trainer, device):
-    """Sentences/s of an evaluation of the whole validation set (default decoding: beam 4, <= 64 tokens)."""
-    sync(device)
-    started = time.perf_counter()
-    trainer.evaluate(full=True)
-    sync(device)
+    """Sentences/s of an evaluation of the whole validation set (default decoding: beam 4), every sentence
+    decoded to exactly 64 tokens: how long an untrained model's sentences are is chance, and would be
+    timed instead of the model."""
+    settings = tsw.generation_kwargs
+
+    def fixed_length(s):
+        kwargs = settings(s)
+        return {**kwargs, "min_new_tokens": kwargs["max_new_tokens"]}
+
+    tsw.generation_kwargs = fixed_length
+    try:
+        sync(device)
+        started = time.perf_counter()
+        trainer.evaluate(full=True)
+        sync(device)
+    finally:
+        tsw.generation_kwargs = settings
     return len(trainer.val_set) / (time.perf_counter() - started)
 
 
@@ -143,18 +160,22 @@ def time_epoch(trainer, epoch, shape, device):
 
 
 def measure_bare(root, shape, device, precision, labels, inputs):
-    """T5 alone on the same labels, fed random inputs_embeds as long as ours were (`inputs`, per batch)."""
+    """T5 alone on the same labels, fed random inputs_embeds as long as ours were, and random extra
+    cross-attention memory as long as ours (`inputs`: per batch, (encoder tokens, extra memory tokens))."""
     from transformers import T5ForConditionalGeneration
     t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
     optimizer = torch.optim.AdamW(t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
     step_times, flops = [], None
-    for i, (batch_labels, length) in enumerate(zip(labels, inputs)):
+    for i, (batch_labels, (length, extra)) in enumerate(zip(labels, inputs)):
         batch_labels = batch_labels.to(device)
         inputs_embeds = torch.randn(len(batch_labels), length, shape["d_model"], device=device)
-        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+        extra_memory = torch.randn(len(batch_labels), extra, shape["d_model"], device=device)
+        mask = torch.ones(len(batch_labels), length + extra, dtype=torch.long, device=device)
         counter = FlopCounterMode(display=False) if i == 1 else None
         with counter or tsw.contextlib.nullcontext(), tsw.autocast_for(device, precision):
-            loss = t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch_labels).loss
+            memory = t5.encoder(inputs_embeds=inputs_embeds)[0]
+            loss = t5(encoder_outputs=tsw.encoder_output(torch.cat([memory, extra_memory], dim=1)),
+                      attention_mask=mask, labels=batch_labels).loss
             loss.backward()
         if counter:
             flops = counter.get_total_flops()
@@ -348,6 +369,9 @@ def main():
                         help="instead: full fine-tuning vs frozen decoder (+ gradient checkpointing) vs LoRA")
     parser.add_argument("--checkpoint_sizes", action="store_true",
                         help="instead: checkpoint size of frozen / LoRA training on the hub models' shapes")
+    parser.add_argument("--seed_pipeline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the original per-step pipeline (--no-seed_pipeline: skip it)")
+    parser.add_argument("--extra", default="", help="flags added to our default run (a candidate to compare)")
     parser.add_argument("--one_mode", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -366,7 +390,7 @@ def main():
     peak = matmul_peak(device)
     if args.frames:
         return frames_table(args, device, precision, machine)
-    results = {}
+    results, extra = {}, shlex.split(args.extra)
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])
         steps = args.steps or shape["steps"]
@@ -375,7 +399,7 @@ def main():
             make_data(root, shape, shape["batch"] * (steps + WARMUP_STEPS))
             # Ours (the default: frames), ours without frames and bare alternate twice and keep their
             # best: the machine's speed drifts.
-            ours, eval_rate, setup_s, labels, inputs, trainer = measure_ours(root, shape, device, precision)
+            ours, eval_rate, setup_s, labels, inputs, trainer = measure_ours(root, shape, device, precision, *extra)
             embedding, embedding_eval, _, _, embedding_inputs, embedding_trainer = measure_ours(
                 root, shape, device, precision, "--no-frame_attention")
             bare, flops = measure_bare(root, shape, device, precision, labels, inputs)
@@ -384,13 +408,15 @@ def main():
             embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
             embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
             bare = max(bare, measure_bare(root, shape, device, precision, labels, inputs)[0])
-            seed = measure_seed(root, shape, device, len(labels), "max_length")
-            seed_longest = measure_seed(root, shape, device, len(labels), "longest")
+            seed = measure_seed(root, shape, device, len(labels), "max_length") if args.seed_pipeline else float("nan")
+            seed_longest = (measure_seed(root, shape, device, len(labels), "longest") if args.seed_pipeline
+                            else float("nan"))
         results[name] = {
             "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / ours,
             "embedding_only_samples_per_s": embedding, "frame_step_cost": embedding / ours,
             "embedding_only_eval_sentences_per_s": embedding_eval, "frame_eval_cost": embedding_eval / eval_rate,
-            "t5_input_tokens_mean": sum(inputs) / len(inputs),
+            "t5_input_tokens_mean": sum(length for length, _ in inputs) / len(inputs),
+            "cross_attention_extra_tokens_mean": sum(extra for _, extra in inputs) / len(inputs),
             "seed_pipeline_samples_per_s": seed, "seed_longest_samples_per_s": seed_longest,
             "speedup_vs_seed": ours / seed, "speedup_vs_seed_longest": ours / seed_longest,
             "eval_sentences_per_s": eval_rate, "setup_s": setup_s,
@@ -407,7 +433,7 @@ def main():
               f"{r['seed_pipeline_samples_per_s']:.1f} / {r['seed_longest_samples_per_s']:.1f} | "
               f"{r['speedup_vs_seed']:.2f}x / {r['speedup_vs_seed_longest']:.2f}x | {r['mfu']:.1%} |")
     primary = results[list(results)[-1]]
-    print(json.dumps({**primary, "shape": list(results)[-1], "machine": machine, "peak_flops": peak,
+    print(json.dumps({**primary, "shape": list(results)[-1], "extra": args.extra, "machine": machine, "peak_flops": peak,
                       "shapes": results}))
 
 
