@@ -96,7 +96,7 @@ def test_loss_equals_t5s_own_loss(project_template, untied_project, untied):
     folder = untied_project / "t5-small" if untied else project_template["t5"]
     model = tsw.SONARwithT5(project_template["encoder"], device="cpu",
                             t5=T5ForConditionalGeneration.from_pretrained(folder),
-                            tokenizer=AutoTokenizer.from_pretrained(folder)).eval()
+                            tokenizer=AutoTokenizer.from_pretrained(folder), frame_route="encoder").eval()
     assert tsw.is_untied(model.t5) == untied
     dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
                                   project_template["root"] / "features/val")

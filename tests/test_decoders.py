@@ -73,18 +73,24 @@ def test_each_family_trains_predicts_resumes_and_exports(project, decoders, fami
     assert all(torch.equal(exported.state_dict()[k], trained[k]) for k in shared)
 
 
+@pytest.mark.parametrize("route", tsw.FRAME_ROUTES)
 @pytest.mark.parametrize("family", ["nllb", "bart", "t5"])
-def test_loss_is_the_decoders_own(project, decoders, family):
-    """The loss that trains the bridge equals the model's own loss on the same inputs (T5's faster path too)."""
+def test_loss_is_the_decoders_own(project, decoders, family, route):
+    """The loss that trains the bridge equals the model's own loss on the same inputs (T5's faster path too):
+    its inputs_embeds (frames read by its encoder) or its encoder_outputs (frames beside them)."""
     folder = project / "t5-small" if family == "t5" else decoders[family]
     t5, tokenizer = tsw.load_t5(folder)
     model = tsw.SONARwithT5(None, str(folder), device="cpu", t5=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
-                            feature_dim=64).eval()
+                            feature_dim=64, frame_route=route).eval()
     batch = model.batch_from_features(torch.randn(3, 20, 64))
     batch["labels"] = model.labels_from_texts(["Make sure you cut the onion.", "Hi.", "Next we fold the paper."])
     loss, tokens = model.loss(batch)
-    inputs_embeds, mask = model.t5_inputs(batch)
-    own = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch["labels"]).loss
+    if route == "encoder":
+        inputs_embeds, mask = model.t5_inputs(batch)
+        own = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch["labels"]).loss
+    else:
+        memory, mask = model.decoder_memory(batch)
+        own = model.t5(encoder_outputs=tsw.encoder_output(memory), attention_mask=mask, labels=batch["labels"]).loss
     assert torch.allclose(loss, own, atol=1e-5) and int(tokens) == int((batch["labels"] != -100).sum())
 
 
@@ -97,8 +103,14 @@ def test_bridge_output_matches_the_scale_of_the_encoders_own_tokens(decoders):
     rows = float(t5.get_input_embeddings().weight.pow(2).mean().sqrt())
     assert tsw.embedding_scale(t5) == pytest.approx(own, rel=0.05)
     assert own == pytest.approx(rows * 64 ** 0.5, rel=0.05)
-    model = tsw.SONARwithT5(None, "nllb", device="cpu", t5=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256))
+    model = tsw.SONARwithT5(None, "nllb", device="cpu", t5=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
+                            frame_route="cross_attention")
     assert float(model.bridge.output_scale) == pytest.approx(own, rel=0.05)
+    # frames beside the encoder's output start at the scale of that output (here ~1, after its LayerNorm)
+    sentence = tokenizer(["Next we fold the paper and cut along the line."], return_tensors="pt")
+    with torch.no_grad():
+        output = float(t5.get_encoder()(**sentence)[0].pow(2).mean().sqrt())
+    assert float(model.bridge.frame_memory.scale) == pytest.approx(output, rel=0.2)
 
 
 def test_target_language_errors_are_one_line(project, decoders, capsys):
