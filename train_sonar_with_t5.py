@@ -26,8 +26,9 @@ frozen or adapt it (small checkpoints: the base model is named, not saved).
 
 Pipeline: clip features (T, D) -> mean over valid frames -> frozen encoder (projection, LayerNorm,
 L2) -> sentence embedding (1024) -> standardised -> bridge (`expander` queries, given per-clip
-content, read memory tokens and the frames through `attention_bridge`) -> with the clip's frame
-tokens, into T5 (or another seq2seq model) via `inputs_embeds`.
+content, read memory tokens and the frames through `attention_bridge`) -> T5's encoder (or another
+seq2seq model's) via `inputs_embeds`; the clip's frame tokens, through one self-attention layer, go
+beside the encoder's output into the decoder's cross-attention.
 """
 
 from __future__ import annotations
@@ -83,11 +84,12 @@ MODEL_DEFAULTS = dict(
     bridge_dropout=0.1,
     bridge_layernorm=True,   # LayerNorm on the bridge output (the guide's troubleshooting step 3)
     standardize=True,        # per-dimension standardisation of the frozen embedding (and frames)
-    frame_attention=True,    # the clip's frames go into T5 after the bridge's tokens (and into the bridge)
+    frame_attention=True,    # the clip's frames go to the decoder beside the bridge's tokens (and into the bridge)
     frame_stride=2,          # one frame token every `frame_stride` frames ...
     frame_kernel=4,          # ... made of this many consecutive frames (windows overlap when kernel > stride)
-    frame_route="encoder",   # frame tokens read by the decoder's encoder, or its cross-attention memory (FrameMemory)
-    frame_memory_layers=0,   # cross_attention route: self-attention layers over the frame tokens
+    frame_route="cross_attention",  # frame tokens straight into the decoder's cross-attention (FrameMemory),
+                                    # or "encoder": read by its encoder after the bridge's tokens
+    frame_memory_layers=1,   # cross_attention route: self-attention layers over the frame tokens
     prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
 )
 ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decoder: small checkpoints
@@ -3346,17 +3348,17 @@ def build_parser():
                    help="standardise the frozen embedding (and frames) with training-set mean/std")
     g.add_argument("--frame_attention", action=argparse.BooleanOptionalAction,
                    default=MODEL_DEFAULTS["frame_attention"],
-                   help="the clip's frames (standardised, strided, with positions) follow the bridge's tokens "
-                        "into T5, and the bridge's queries attend to them too (--no-frame_attention: the "
+                   help="the clip's frames (standardised, strided, with positions) go to T5 beside the bridge's "
+                        "tokens (--frame_route), and the bridge's queries attend to them too (--no-frame_attention: the "
                         "sentence embedding only)")
     g.add_argument("--frame_stride", type=int, default=MODEL_DEFAULTS["frame_stride"],
                    help="temporal striding: one frame token every this many frames")
     g.add_argument("--frame_kernel", type=int, default=MODEL_DEFAULTS["frame_kernel"],
                    help="consecutive frames that make one frame token (at least --frame_stride)")
     g.add_argument("--frame_route", choices=FRAME_ROUTES, default=MODEL_DEFAULTS["frame_route"],
-                   help="where the frame tokens go: 'encoder' (the decoder's encoder reads them after the bridge's "
-                        "tokens) or 'cross_attention' (beside the encoder's output, straight into the decoder's "
-                        "cross-attention: the encoder reads only the bridge's tokens)")
+                   help="where the frame tokens go: 'cross_attention' (beside the encoder's output, straight into "
+                        "the decoder's cross-attention: the encoder reads only the bridge's tokens) or 'encoder' (the "
+                        "decoder's encoder reads them after the bridge's tokens: the previous default, slower)")
     g.add_argument("--frame_memory_layers", type=int, default=MODEL_DEFAULTS["frame_memory_layers"],
                    help="with --frame_route cross_attention: self-attention layers over the frame tokens first")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,

@@ -19,7 +19,8 @@ def test_default_bridge_passes_every_check(project):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Probing with 8 clips from manifests/train.tsv and their frames." in result.stdout
     assert "PASS  gradients reach the frame path" in result.stdout
-    assert result.stdout.count("PASS") == 8 and "FAIL" not in result.stdout
+    assert "PASS  gradients reach the frames' cross-attention memory" in result.stdout
+    assert result.stdout.count("PASS") == 9 and "FAIL" not in result.stdout
 
 
 def test_guide_bridge_fails_on_identical_query_positions(project):
