@@ -38,6 +38,7 @@ import contextlib
 import copy
 import csv
 import errno
+import functools
 import hashlib
 import importlib.util
 import json
@@ -1427,6 +1428,28 @@ def encoder_output_scale(t5):
     return float(output.float().pow(2).mean().sqrt())
 
 
+@functools.lru_cache(maxsize=None)
+def beam_search_cache_class():
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class BeamSearchCache(EncoderDecoderCache):
+        """Beam search reorders every cached key and value at every step. The cross-attention ones are
+        the same for every beam of a clip (its one encoder output, repeated per beam) and beams are only
+        ever reordered within a clip, so reordering them copies the whole memory (most of it frames)
+        for nothing: this cache leaves them where they are."""
+
+        def reorder_cache(self, beam_idx):
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return BeamSearchCache
+
+
+def beam_search_cache():
+    from transformers.cache_utils import DynamicCache
+
+    return beam_search_cache_class()(DynamicCache(), DynamicCache())
+
+
 def encoder_output(memory):
     """`memory` (B, M, d) as the encoder output a transformers seq2seq model takes (`encoder_outputs=`)."""
     from transformers.modeling_outputs import BaseModelOutput
@@ -1865,6 +1888,8 @@ class SONARwithT5(nn.Module):
         multilingual decoder's first token is forced to the target language's code, left out of the text."""
         memory, attention_mask = self.decoder_memory(batch)
         gen_kwargs.setdefault("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
+        if gen_kwargs.get("num_beams", 1) > 1:
+            gen_kwargs.setdefault("past_key_values", beam_search_cache())
         if self.target_lang_id is not None:
             gen_kwargs.setdefault("forced_bos_token_id", self.target_lang_id)
         ids = self.t5.generate(encoder_outputs=encoder_output(memory), attention_mask=attention_mask,

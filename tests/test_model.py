@@ -149,6 +149,25 @@ def test_evaluation_decoding_is_deterministic(overfit):
     assert len(first[2]) == len(dataset)
 
 
+def test_beam_search_keeps_cross_attention_in_place_and_decodes_the_same(overfit):
+    """Beams are reordered within a clip only and share its cross-attention keys/values: leaving those
+    in place (our cache) decodes exactly what the library's own cache does, which moves them every step."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    model, dataset, _, _ = overfit
+    cache = tsw.beam_search_cache()
+    cross, own = torch.randn(4, 2, 3, 8), torch.randn(4, 2, 1, 8)            # (beams, heads, tokens, dim)
+    cache.cross_attention_cache.update(cross, cross + 1, 0)
+    cache.self_attention_cache.update(own, own + 1, 0)
+    cache.reorder_cache(torch.tensor([1, 1, 0, 3]))
+    assert torch.equal(cache.cross_attention_cache.layers[0].keys, cross)
+    assert torch.equal(cache.self_attention_cache.layers[0].keys, own[[1, 1, 0, 3]])
+    batch = tsw.collate_clips([{k: v for k, v in dataset[i].items() if k != "labels"} for i in range(12)])
+    ours = model.generate(batch, num_beams=4, max_new_tokens=32, length_penalty=1.5)
+    library = model.generate(batch, num_beams=4, max_new_tokens=32, length_penalty=1.5,
+                             past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+    assert ours == library and len(set(ours)) >= 6                       # whole sentences, not one repeated
+
+
 def test_clip_gradients_matches_torch():
     torch.manual_seed(0)
     for scale in (0.01, 100.0):                       # below and above the limit
