@@ -1751,7 +1751,7 @@ class SONARwithT5(nn.Module):
         layers = {key.split(".")[3] for key in state_dict if key.startswith("bridge.frame_memory.layers.")}
         route = "cross_attention" if "bridge.frame_memory.scale" in state_dict else "encoder"
         current = self.bridge.frame_memory
-        if route == self.options["frame_route"] and (current is None or len(current.layers) == len(layers)):
+        if (current is None) if route == "encoder" else (current is not None and len(current.layers) == len(layers)):
             return
         self.options = {**self.options, "frame_route": route, "frame_memory_layers": len(layers)}
         self.bridge.frame_memory = (FrameMemory(self.decoder_model.config.d_model, self.options, self.bridge.ff_dim, 1.0)

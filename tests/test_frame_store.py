@@ -237,9 +237,10 @@ def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, t
                          for name in ("predictions.tsv", "best_predictions.tsv"))
     assert [(r["id"], r["prediction"]) for r in predictions] == [(r["id"], r["prediction"]) for r in best]
     state = torch.load(out / "best_model.pt")["model_state_dict"]
-    cell7 = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"), str(project / "t5-small"),
-                            device="cpu", frame_route=other[0], frame_memory_layers=other[1])
-    cell7.load_state_dict(state)
-    assert cell7.options["frame_route"] == "cross_attention" and cell7.options["frame_memory_layers"] == layers
-    assert cell7.state_dict().keys() == model.state_dict().keys()
-    assert all(torch.equal(v, state[k]) for k, v in cell7.state_dict().items() if k in state)
+    for built in (dict(frame_route=other[0], frame_memory_layers=other[1]), dict(frame_attention=False)):
+        cell7 = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                                str(project / "t5-small"), device="cpu", **built)
+        cell7.load_state_dict(state)
+        assert cell7.options["frame_route"] == "cross_attention" and cell7.options["frame_memory_layers"] == layers
+        assert cell7.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(v, state[k]) for k, v in cell7.state_dict().items() if k in state)
