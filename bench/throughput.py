@@ -5,6 +5,7 @@
     python bench/throughput.py --frames --shapes tiny            # frames: from the frame store vs read each step
     python bench/throughput.py --decoder_training --shapes t5-small   # full vs frozen vs LoRA: speed, memory, checkpoint
     python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
+    python bench/throughput.py --shapes t5-small --extra "--frame_route encoder"   # a candidate's flags for ours
 
 Ours and bare are each measured twice, alternating, and keep their best rate. Same process, same
 generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
@@ -13,14 +14,17 @@ same real-English targets, same batch size:
             T5 and the bridge, from the frame store; `without frames`: --no-frame_attention; cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
             clipping, scheduler). Timed by its optimizer steps.
-  bare      T5 forward + backward + AdamW alone, on the same label batches and inputs_embeds as long
-            as ours (B, 32 queries + frame tokens, d_model): the floor for any bridge-to-T5 model.
+  bare      T5 forward + backward + AdamW alone, on the same label batches, inputs_embeds as long as
+            what ours gives T5's encoder (B, 32 queries [+ frame tokens], d_model) and as many extra
+            cross-attention memory tokens as ours (the frame tokens, with --frame_route cross_attention):
+            the floor for any bridge-to-T5 model.
   seed      our re-implementation of the original script's per-step work, from its description:
             each clip file read every step, padded to 300 frames, the frozen encoder run on the
             padded batch, targets tokenised every step with padding="max_length" (128) and pad ids
             kept as labels, the guide's bridge, fp32. `seed_longest` is the same with targets padded
             only to the batch's longest (in case the original did that): both are reported.
-MFU: FLOPs of one bare step (counted with torch's FlopCounterMode) x our steps/s, over a matmul peak
+Evaluation: the whole validation set, beam 4, every sentence decoded to exactly 64 tokens (how long an
+untrained model's sentences are is chance). MFU: FLOPs of one bare step (counted with torch's FlopCounterMode) x our steps/s, over a matmul peak
 measured here (fp32 on CPU, bf16 on GPU). Prints a table, then one JSON object as the last line.
 """
 
