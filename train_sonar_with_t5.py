@@ -2571,11 +2571,16 @@ class Trainer:
         self.world.barrier()
         return self.finish()
 
+    def epoch_batches(self, epoch):
+        """This process's training batches of `epoch` (indices), grouped by clip length when frames are read."""
+        args = self.args
+        grouped = args.group_by_length and self.raw_model.options["frame_attention"]
+        return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world,
+                             self.train_set.lengths if grouped else None)
+
     def train_epoch(self, epoch):
         args, state = self.args, self.state
-        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world,
-                                self.train_set.lengths if args.group_by_length and self.raw_model.options["frame_attention"]
-                                else None)
+        batches = self.epoch_batches(epoch)
         loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], args.num_workers, self.device)
         self.model.train()
         bad_in_row = 0

@@ -113,9 +113,7 @@ def measure_ours(root, shape, device, precision, *extra):
     args = trainer.args
     ours = time_epoch(trainer, 0, shape, device)
     eval_rate = time_evaluation(trainer, device)
-    batches = tsw.epoch_batches(len(trainer.train_set), shape["batch"], 0, args.seed, trainer.world,
-                                trainer.train_set.lengths if args.frame_attention and args.group_by_length
-                                else None)   # as train_epoch
+    batches = trainer.epoch_batches(0)   # the batches train_epoch trained on
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
     stride = args.frame_stride if args.frame_attention else None
     frames = [-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0 for b in batches]
