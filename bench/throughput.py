@@ -7,9 +7,11 @@
     python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
     python bench/throughput.py --shapes t5-small --extra "--frame_route encoder"   # a candidate's flags for ours
 
-Ours and bare are each measured twice, alternating, and keep their best rate. Same process, same
-generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300),
-same real-English targets, same batch size:
+Same process, same generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300), same
+real-English targets, same batch size. Ours with and without frames each run two epochs and keep their
+best rate; in ours' second epoch bare T5 takes a step after each of ours, on the same batch, and the
+overhead is bare's rate over ours in that epoch (pairs see the same machine: its speed drifts by 10% and
+more over minutes, which made best-of-two runs of bare and ours differ by that much between runs).
   ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it, default flags (frames read by
             T5 and the bridge, from the frame store; `without frames`: --no-frame_attention; cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
@@ -71,6 +73,11 @@ def rate(step_times, batch):
     return (len(times) - 1) * batch / (times[-1] - times[0])
 
 
+def duration_rate(durations, batch):
+    """Samples/s over the steps after warm-up, from each step's duration."""
+    return len(durations[WARMUP_STEPS:]) * batch / sum(durations[WARMUP_STEPS:])
+
+
 def make_data(root, shape, num_clips, feature_dim=256, seed=0):
     rng = np.random.default_rng(seed)
     sentences = tsw.demo_sentences(num_clips, rng)
@@ -105,25 +112,23 @@ def build_trainer(root, shape, device, precision, *extra):
 
 
 def measure_ours(root, shape, device, precision, *extra):
-    """Our training (samples/s), evaluation (sentences/s) and set-up time with these flags; also each
-    training batch's labels and the length of what T5's encoder reads for it (queries + frame tokens)."""
+    """Our training (samples/s, one epoch) and set-up time with these flags, and the trainer."""
     started = time.perf_counter()
     trainer = build_trainer(root, shape, device, precision, *extra)
     setup_s = time.perf_counter() - started
+    return time_epoch(trainer, 0, shape, device), setup_s, trainer
+
+
+def batch_shapes(trainer, batches):
+    """Each training batch's labels and what T5 reads for it: (tokens its encoder reads, tokens its
+    cross-attention reads besides the encoder's output), queries and frame tokens as ours sends them."""
     args = trainer.args
-    ours = time_epoch(trainer, 0, shape, device)
-    eval_rate = time_evaluation(trainer, device)
-    batches = trainer.epoch_batches(0)   # the batches train_epoch trained on
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
     stride = args.frame_stride if args.frame_attention else None
     frames = [-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0 for b in batches]
-    # (tokens T5's encoder reads, tokens its cross-attention reads besides the encoder's output)
     if trainer.raw_model.bridge.frame_memory is not None:
-        inputs = [(args.num_queries, count) for count in frames]
-    else:
-        inputs = [(args.num_queries + count, 0) for count in frames]
-    return ours, eval_rate, setup_s, labels, inputs, trainer
-
+        return labels, [(args.num_queries, count) for count in frames]
+    return labels, [(args.num_queries + count, 0) for count in frames]
 
 def time_evaluation(trainer, device):
     """Sentences/s of an evaluation of the whole validation set (default decoding: beam 4), every sentence
@@ -148,44 +153,65 @@ def time_evaluation(trainer, device):
 
 def time_epoch(trainer, epoch, shape, device):
     """Samples/s of one epoch of our training loop, timed at its optimizer steps."""
-    step_times, step = [], trainer.scheduler.step
+    return time_paired(trainer, None, epoch, shape, device)[0]
+
+
+def time_paired(trainer, bare, epoch, shape, device):
+    """One epoch of our training loop; with `bare`, bare T5 takes a step on the same batch (labels and
+    input lengths) after each of ours, its time left out of ours. Paired steps see the same machine: a
+    drift in its speed (seconds to minutes long on a shared 2-core machine) hits both alike.
+    Returns (our samples/s, bare samples/s or None, FLOPs of one bare step or None)."""
+    labels, inputs = batch_shapes(trainer, trainer.epoch_batches(epoch)) if bare else (None, None)
+    ours_s, bare_s, flops, step = [], [], [], trainer.scheduler.step
+    started = [time.perf_counter()]
 
     def timed_step():
         step()
         sync(device)
-        step_times.append(time.perf_counter())
+        ours_s.append(time.perf_counter() - started[0])
+        if bare:
+            i = len(ours_s) - 1
+            begin = time.perf_counter()
+            flops.append(bare.step(labels[i], *inputs[i], count_flops=i == WARMUP_STEPS))
+            bare_s.append(time.perf_counter() - begin)
+        started[0] = time.perf_counter()
 
     trainer.scheduler.step = timed_step
-    trainer.train_epoch(epoch)
-    trainer.scheduler.step = step
-    return rate(step_times, shape["batch"])
+    try:
+        trainer.train_epoch(epoch)
+    finally:
+        trainer.scheduler.step = step
+    return duration_rate(ours_s, shape["batch"]), duration_rate(bare_s, shape["batch"]) if bare else None, \
+        flops[WARMUP_STEPS] if bare else None
 
 
-def measure_bare(root, shape, device, precision, labels, inputs):
-    """T5 alone on the same labels, fed random inputs_embeds as long as ours were, and random extra
-    cross-attention memory as long as ours (`inputs`: per batch, (encoder tokens, extra memory tokens))."""
-    from transformers import T5ForConditionalGeneration
-    t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
-    optimizer = torch.optim.AdamW(t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
-    step_times, flops = [], None
-    for i, (batch_labels, (length, extra)) in enumerate(zip(labels, inputs)):
-        batch_labels = batch_labels.to(device)
-        inputs_embeds = torch.randn(len(batch_labels), length, shape["d_model"], device=device)
-        extra_memory = torch.randn(len(batch_labels), extra, shape["d_model"], device=device)
-        mask = torch.ones(len(batch_labels), length + extra, dtype=torch.long, device=device)
-        counter = FlopCounterMode(display=False) if i == 1 else None
-        with counter or tsw.contextlib.nullcontext(), tsw.autocast_for(device, precision):
-            memory = t5.encoder(inputs_embeds=inputs_embeds)[0]
-            loss = t5(encoder_outputs=tsw.encoder_output(torch.cat([memory, extra_memory], dim=1)),
-                      attention_mask=mask, labels=batch_labels).loss
+class BareT5:
+    """T5 alone: forward + backward + AdamW on given labels, fed random inputs_embeds as long as ours were
+    and random extra cross-attention memory as long as ours (frame route cross_attention)."""
+
+    def __init__(self, root, shape, device, precision):
+        from transformers import T5ForConditionalGeneration
+        self.shape, self.device, self.precision = shape, device, precision
+        self.t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
+        self.optimizer = torch.optim.AdamW(self.t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
+
+    def step(self, labels, length, extra, count_flops=False):
+        """One training step; its FLOPs (torch's FlopCounterMode) when `count_flops`, else None."""
+        device, d_model = self.device, self.shape["d_model"]
+        labels = labels.to(device)
+        inputs_embeds = torch.randn(len(labels), length, d_model, device=device)
+        extra_memory = torch.randn(len(labels), extra, d_model, device=device)
+        mask = torch.ones(len(labels), length + extra, dtype=torch.long, device=device)
+        counter = FlopCounterMode(display=False) if count_flops else None
+        with counter or tsw.contextlib.nullcontext(), tsw.autocast_for(device, self.precision):
+            memory = self.t5.encoder(inputs_embeds=inputs_embeds)[0]
+            loss = self.t5(encoder_outputs=tsw.encoder_output(torch.cat([memory, extra_memory], dim=1)),
+                           attention_mask=mask, labels=labels).loss
             loss.backward()
-        if counter:
-            flops = counter.get_total_flops()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         sync(device)
-        step_times.append(time.perf_counter())
-    return rate(step_times, shape["batch"]), flops
+        return counter.get_total_flops() if counter else None
 
 
 def measure_frames(root, shape, device, precision, *flags, read_delay_ms=0):
@@ -399,22 +425,24 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * (steps + WARMUP_STEPS))
-            # Ours (the default: frames), ours without frames and bare alternate twice and keep their
-            # best: the machine's speed drifts.
-            ours, eval_rate, setup_s, labels, inputs, trainer = measure_ours(root, shape, device, precision, *extra)
-            embedding, embedding_eval, _, _, embedding_inputs, embedding_trainer = measure_ours(
-                root, shape, device, precision, "--no-frame_attention")
-            bare, flops = measure_bare(root, shape, device, precision, labels, inputs)
-            ours = max(ours, time_epoch(trainer, 1, shape, device))
+            # Ours (the default: frames) and ours without frames alternate twice and keep their best (the
+            # machine's speed drifts); bare T5 is timed step by step beside ours, on the same batches.
+            ours, setup_s, trainer = measure_ours(root, shape, device, precision, *extra)
+            eval_rate = time_evaluation(trainer, device)
+            embedding, _, embedding_trainer = measure_ours(root, shape, device, precision, "--no-frame_attention")
+            embedding_eval = time_evaluation(embedding_trainer, device)
+            paired_ours, bare, flops = time_paired(trainer, BareT5(root, shape, device, precision), 1, shape, device)
+            ours = max(ours, paired_ours)
             eval_rate = max(eval_rate, time_evaluation(trainer, device))
             embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
             embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
-            bare = max(bare, measure_bare(root, shape, device, precision, labels, inputs)[0])
+            labels, inputs = batch_shapes(trainer, trainer.epoch_batches(1))
             seed = measure_seed(root, shape, device, len(labels), "max_length") if args.seed_pipeline else float("nan")
             seed_longest = (measure_seed(root, shape, device, len(labels), "longest") if args.seed_pipeline
                             else float("nan"))
         results[name] = {
-            "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / ours,
+            "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / paired_ours,
+            "paired_train_samples_per_s": paired_ours,
             "embedding_only_samples_per_s": embedding, "frame_step_cost": embedding / ours,
             "embedding_only_eval_sentences_per_s": embedding_eval, "frame_eval_cost": embedding_eval / eval_rate,
             "t5_input_tokens_mean": sum(length for length, _ in inputs) / len(inputs),
