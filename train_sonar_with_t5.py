@@ -91,6 +91,7 @@ MODEL_DEFAULTS = dict(
     frame_route="cross_attention",  # frame tokens straight into the decoder's cross-attention (FrameMemory),
                                     # or "encoder": read by its encoder after the bridge's tokens
     frame_memory_layers=1,   # cross_attention route: self-attention layers over the frame tokens
+    frame_memory_ff_dim=0,   # their feed-forward width; 0: the bridge's (4 * d_model)
     prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
 )
 ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decoder: small checkpoints
@@ -98,7 +99,7 @@ ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decod
 DECODER_DEFAULTS = dict(target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0, gradient_checkpointing=False)
 # What a checkpoint saved before a flag existed (or before its default changed) was trained with.
 PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1, frame_route="encoder",
-                         frame_memory_layers=0, freeze_t5=False, lora_rank=0, lora_alpha=0, target_lang=None)
+                         frame_memory_layers=0, frame_memory_ff_dim=0, freeze_t5=False, lora_rank=0, lora_alpha=0, target_lang=None)
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
 ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", "freeze_t5", "lora_rank", "lora_alpha", "target_lang",
                       *MODEL_DEFAULTS)
@@ -1126,10 +1127,12 @@ class FrameMemory(nn.Module):
     cross-attention, beside what its encoder makes of the bridge's tokens. The decoder's encoder then
     reads 32 tokens, not 32 + T: a frame token costs each decoder layer a key and a value instead of a
     pass through every encoder layer. `layers` pre-norm self-attention layers give the frame tokens
-    context first; `scale` starts at the RMS of the decoder encoder's own output."""
+    context first (feed-forward width: --frame_memory_ff_dim, or the bridge's); `scale` starts at the RMS
+    of the decoder encoder's own output."""
 
-    def __init__(self, d_model, options, ff_dim, scale):
+    def __init__(self, d_model, options, bridge_ff_dim, scale):
         super().__init__()
+        ff_dim = options["frame_memory_ff_dim"] or bridge_ff_dim
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(d_model, options["num_heads"], ff_dim, options["bridge_dropout"],
                                        activation="gelu", batch_first=True, norm_first=True)
@@ -1750,10 +1753,15 @@ class SONARwithT5(nn.Module):
         """The frame route a state dict was saved with: a frame memory (and its depth) when it has one."""
         layers = {key.split(".")[3] for key in state_dict if key.startswith("bridge.frame_memory.layers.")}
         route = "cross_attention" if "bridge.frame_memory.scale" in state_dict else "encoder"
+        ff = state_dict.get("bridge.frame_memory.layers.0.linear1.weight")
+        ff_dim = self.options["frame_memory_ff_dim"] if ff is None else len(ff)
         current = self.bridge.frame_memory
-        if (current is None) if route == "encoder" else (current is not None and len(current.layers) == len(layers)):
+        if (current is None) if route == "encoder" else (
+                current is not None and len(current.layers) == len(layers)
+                and (not layers or current.layers[0].linear1.out_features == ff_dim)):
             return
-        self.options = {**self.options, "frame_route": route, "frame_memory_layers": len(layers)}
+        self.options = {**self.options, "frame_route": route, "frame_memory_layers": len(layers),
+                        "frame_memory_ff_dim": ff_dim}
         self.bridge.frame_memory = (FrameMemory(self.decoder_model.config.d_model, self.options, self.bridge.ff_dim, 1.0)
                                     .to(self.device) if route == "cross_attention" else None)
 
@@ -3391,6 +3399,9 @@ def build_parser():
                         "decoder's encoder reads them after the bridge's tokens: the previous default, slower)")
     g.add_argument("--frame_memory_layers", type=int, default=MODEL_DEFAULTS["frame_memory_layers"],
                    help="with --frame_route cross_attention: self-attention layers over the frame tokens first")
+    g.add_argument("--frame_memory_ff_dim", type=int, default=MODEL_DEFAULTS["frame_memory_ff_dim"],
+                   help="feed-forward width of those layers (0: the bridge's, 4 x d_model; a narrower one is faster "
+                        "and scored lower in bench/quality.py)")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
     g.add_argument("--prefix_dim", type=int, default=MODEL_DEFAULTS["prefix_dim"],
@@ -3523,7 +3534,7 @@ def validate_args(args):
             problems.append("--bleurt needs the bleurt-pytorch package: pip install "
                             "git+https://github.com/lucadiliello/bleurt-pytorch.git (or leave out --bleurt)")
     for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                 "bridge_ff_dim", "no_repeat_ngram_size", "frame_cache_gb", "prefix_dim", "lora_rank", "lora_alpha"):
+                 "bridge_ff_dim", "frame_memory_ff_dim", "no_repeat_ngram_size", "frame_cache_gb", "prefix_dim", "lora_rank", "lora_alpha"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
     for name in ("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
