@@ -131,6 +131,7 @@ def batch_shapes(trainer, batches):
         return labels, [(args.num_queries, count) for count in frames]
     return labels, [(args.num_queries + count, 0) for count in frames]
 
+
 def time_evaluation(trainer, device):
     """Sentences/s of an evaluation of the whole validation set (default decoding: beam 4), every sentence
     decoded to exactly 64 tokens: how long an untrained model's sentences are is chance, and would be
