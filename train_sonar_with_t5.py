@@ -75,6 +75,9 @@ logger = logging.getLogger("train_sonar_with_t5")
 DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
 FRAME_ROUTES = ("encoder", "cross_attention")
+# Decoder families measured to learn better with frames beside the encoder output (bench/quality.py, README
+# "Quality by decoder"); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
+CROSS_ROUTE_FAMILIES = ("t5", "mt5")
 MODEL_DEFAULTS = dict(
     bridge="prefix_memory",  # per-clip query content, refined by attention over memory tokens
     num_queries=32,          # the guide's `expander` length
@@ -88,8 +91,9 @@ MODEL_DEFAULTS = dict(
     frame_attention=True,    # the clip's frames go to the decoder beside the bridge's tokens (and into the bridge)
     frame_stride=2,          # one frame token every `frame_stride` frames ...
     frame_kernel=4,          # ... made of this many consecutive frames (windows overlap when kernel > stride)
-    frame_route="cross_attention",  # frame tokens straight into the decoder's cross-attention (FrameMemory),
-                                    # or "encoder": read by its encoder after the bridge's tokens
+    frame_route="auto",      # "cross_attention": frame tokens straight into the decoder's cross-attention
+                             # (FrameMemory); "encoder": read by its encoder after the bridge's tokens;
+                             # "auto": cross_attention for CROSS_ROUTE_FAMILIES, else encoder
     frame_memory_layers=1,   # cross_attention route: self-attention layers over the frame tokens
     frame_memory_ff_dim=0,   # their feed-forward width; 0: the bridge's (4 * d_model)
     prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
@@ -1431,6 +1435,17 @@ def encoder_output_scale(t5):
     return float(output.float().pow(2).mean().sqrt())
 
 
+def frame_route_advice(model):
+    """One line of advice when the model's decoder is of a family that learned far worse with its frame
+    route on bench/quality.py (README, "Quality by decoder"); else None."""
+    family = model.decoder_model.config.model_type
+    if model.bridge.frame_memory is not None and family not in CROSS_ROUTE_FAMILIES:
+        return (f"frames beside a '{family}' decoder's encoder output (--frame_route cross_attention) learned far "
+                "worse than --frame_route encoder with BART and M2M100 / NLLB-200 decoders on bench/quality.py "
+                "(README 'Quality by decoder'); the default (auto) uses encoder for them")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def beam_search_cache_class():
     from transformers.cache_utils import EncoderDecoderCache
@@ -1586,8 +1601,8 @@ class SONARwithT5(nn.Module):
         options = {**MODEL_DEFAULTS, **options}
         if options["bridge"] not in BRIDGES:
             raise UserError(f"unknown bridge '{options['bridge']}' (choose from {BRIDGE_KINDS})")
-        if options["frame_route"] not in FRAME_ROUTES:
-            raise UserError(f"unknown frame route '{options['frame_route']}' (choose from {FRAME_ROUTES})")
+        if options["frame_route"] not in ("auto", *FRAME_ROUTES):
+            raise UserError(f"unknown frame route '{options['frame_route']}' (choose from {('auto', *FRAME_ROUTES)})")
         if sonar_checkpoint is not None:
             self.sonar_encoder = load_sonar_encoder(sonar_checkpoint)
         elif encoder_dims is not None:
@@ -1601,6 +1616,9 @@ class SONARwithT5(nn.Module):
             self.sonar_encoder.requires_grad_(False).eval()
         self.register_buffer("decoder_spec", torch.zeros(0, dtype=torch.uint8))
         self.attach_decoder(t5, tokenizer, t5_model_name, fingerprint=decoder_fingerprint, **decoder_options)
+        if options["frame_route"] == "auto":
+            family = self.decoder_model.config.model_type
+            self.options = {**options, "frame_route": "cross_attention" if family in CROSS_ROUTE_FAMILIES else "encoder"}
         self.bridge = self.make_bridge(feature_dim or self.sonar_encoder.input_dim)
         self.to(resolve_device(device) if isinstance(device, str) else device)
 
@@ -2462,6 +2480,8 @@ class Trainer:
         self.raw_model = SONARwithT5(args.sonar_checkpoint, args.t5_model, args.freeze_encoder, self.device,
                                      **{k: getattr(args, k) for k in DECODER_DEFAULTS},
                                      **{k: getattr(args, k) for k in MODEL_DEFAULTS})
+        if advice := frame_route_advice(self.raw_model):
+            logger.warning(advice)
         self.train_set, self.val_set = self.load_datasets()
         train_embeddings = encode_dataset(self.raw_model, self.train_set)
         if args.freeze_encoder:  # computed once, reused every epoch and for evaluation
@@ -3393,10 +3413,11 @@ def build_parser():
                    help="temporal striding: one frame token every this many frames")
     g.add_argument("--frame_kernel", type=int, default=MODEL_DEFAULTS["frame_kernel"],
                    help="consecutive frames that make one frame token (at least --frame_stride)")
-    g.add_argument("--frame_route", choices=FRAME_ROUTES, default=MODEL_DEFAULTS["frame_route"],
+    g.add_argument("--frame_route", choices=("auto", *FRAME_ROUTES), default=MODEL_DEFAULTS["frame_route"],
                    help="where the frame tokens go: 'cross_attention' (beside the encoder's output, straight into "
-                        "the decoder's cross-attention: the encoder reads only the bridge's tokens) or 'encoder' (the "
-                        "decoder's encoder reads them after the bridge's tokens: the previous default, slower)")
+                        "the decoder's cross-attention: the encoder reads only the bridge's tokens), 'encoder' (the "
+                        "decoder's encoder reads them after the bridge's tokens; slower), or 'auto': cross_attention "
+                        "for T5 and mT5 decoders, encoder for the others (BART, M2M100 / NLLB-200), as measured")
     g.add_argument("--frame_memory_layers", type=int, default=MODEL_DEFAULTS["frame_memory_layers"],
                    help="with --frame_route cross_attention: self-attention layers over the frame tokens first")
     g.add_argument("--frame_memory_ff_dim", type=int, default=MODEL_DEFAULTS["frame_memory_ff_dim"],

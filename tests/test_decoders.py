@@ -94,6 +94,26 @@ def test_loss_is_the_decoders_own(project, decoders, family, route):
     assert torch.allclose(loss, own, atol=1e-5) and int(tokens) == int((batch["labels"] != -100).sum())
 
 
+def test_the_default_frame_route_follows_the_decoder_family(project, decoders):
+    """--frame_route auto (the default): frames beside the encoder output for T5, in the encoder for BART and
+    M2M100 / NLLB (which learned far worse beside it, README); choosing cross_attention for those gets one
+    line of advice, nothing else does."""
+    for family, route, resolved in (("t5", "auto", "cross_attention"), ("nllb", "auto", "encoder"),
+                                    ("bart", "auto", "encoder"), ("nllb", "cross_attention", "cross_attention"),
+                                    ("bart", "cross_attention", "cross_attention"), ("t5", "encoder", "encoder")):
+        folder = project / "t5-small" if family == "t5" else decoders[family]
+        t5, tokenizer = tsw.load_t5(folder)
+        model = tsw.SONARwithT5(None, str(folder), device="cpu", t5=t5, tokenizer=tokenizer,
+                                encoder_dims=(64, 128, 128, 256), feature_dim=64, frame_route=route)
+        assert model.options["frame_route"] == resolved
+        assert (model.bridge.frame_memory is not None) == (resolved == "cross_attention")
+        advice = tsw.frame_route_advice(model)
+        if family != "t5" and resolved == "cross_attention":
+            assert "--frame_route encoder" in advice and "\n" not in advice
+        else:
+            assert advice is None
+
+
 def test_bridge_output_matches_the_scale_of_the_encoders_own_tokens(decoders):
     """NLLB multiplies token embeddings by sqrt(d_model) inside its embedding; inputs_embeds are not scaled."""
     t5, tokenizer = tsw.load_t5(decoders["nllb"])
