@@ -75,6 +75,7 @@ logger = logging.getLogger("train_sonar_with_t5")
 DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
 FRAME_ROUTES = ("encoder", "cross_attention")
+FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)   # auto: default_frame_route(the decoder's config)
 # Decoder families measured to learn better with frames beside the encoder output (bench/quality.py, README
 # "Quality by decoder"); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
@@ -1435,11 +1436,16 @@ def encoder_output_scale(t5):
     return float(output.float().pow(2).mean().sqrt())
 
 
+def default_frame_route(config):
+    """--frame_route auto: the route the decoder's family learned better with on bench/quality.py."""
+    return "cross_attention" if config.model_type in CROSS_ROUTE_FAMILIES else "encoder"
+
+
 def frame_route_advice(model):
     """One line of advice when the model's decoder is of a family that learned far worse with its frame
     route on bench/quality.py (README, "Quality by decoder"); else None."""
     family = model.decoder_model.config.model_type
-    if model.bridge.frame_memory is not None and family not in CROSS_ROUTE_FAMILIES:
+    if model.bridge.frame_memory is not None and default_frame_route(model.decoder_model.config) == "encoder":
         return (f"frames beside a '{family}' decoder's encoder output (--frame_route cross_attention) learned far "
                 "worse than --frame_route encoder with BART and M2M100 / NLLB-200 decoders on bench/quality.py "
                 "(README 'Quality by decoder'); the default (auto) uses encoder for them")
@@ -1601,8 +1607,8 @@ class SONARwithT5(nn.Module):
         options = {**MODEL_DEFAULTS, **options}
         if options["bridge"] not in BRIDGES:
             raise UserError(f"unknown bridge '{options['bridge']}' (choose from {BRIDGE_KINDS})")
-        if options["frame_route"] not in ("auto", *FRAME_ROUTES):
-            raise UserError(f"unknown frame route '{options['frame_route']}' (choose from {('auto', *FRAME_ROUTES)})")
+        if options["frame_route"] not in FRAME_ROUTE_CHOICES:
+            raise UserError(f"unknown frame route '{options['frame_route']}' (choose from {FRAME_ROUTE_CHOICES})")
         if sonar_checkpoint is not None:
             self.sonar_encoder = load_sonar_encoder(sonar_checkpoint)
         elif encoder_dims is not None:
@@ -1617,8 +1623,7 @@ class SONARwithT5(nn.Module):
         self.register_buffer("decoder_spec", torch.zeros(0, dtype=torch.uint8))
         self.attach_decoder(t5, tokenizer, t5_model_name, fingerprint=decoder_fingerprint, **decoder_options)
         if options["frame_route"] == "auto":
-            family = self.decoder_model.config.model_type
-            self.options = {**options, "frame_route": "cross_attention" if family in CROSS_ROUTE_FAMILIES else "encoder"}
+            self.options = {**options, "frame_route": default_frame_route(self.decoder_model.config)}
         self.bridge = self.make_bridge(feature_dim or self.sonar_encoder.input_dim)
         self.to(resolve_device(device) if isinstance(device, str) else device)
 
@@ -3413,7 +3418,7 @@ def build_parser():
                    help="temporal striding: one frame token every this many frames")
     g.add_argument("--frame_kernel", type=int, default=MODEL_DEFAULTS["frame_kernel"],
                    help="consecutive frames that make one frame token (at least --frame_stride)")
-    g.add_argument("--frame_route", choices=("auto", *FRAME_ROUTES), default=MODEL_DEFAULTS["frame_route"],
+    g.add_argument("--frame_route", choices=FRAME_ROUTE_CHOICES, default=MODEL_DEFAULTS["frame_route"],
                    help="where the frame tokens go: 'cross_attention' (beside the encoder's output, straight into "
                         "the decoder's cross-attention: the encoder reads only the bridge's tokens), 'encoder' (the "
                         "decoder's encoder reads them after the bridge's tokens; slower), or 'auto': cross_attention "
