@@ -96,7 +96,8 @@ MODEL_DEFAULTS = dict(
                              # (FrameMemory); "encoder": read by its encoder after the bridge's tokens;
                              # "auto": cross_attention for CROSS_ROUTE_FAMILIES, else encoder
     frame_memory_layers=1,   # cross_attention route: self-attention layers over the frame tokens
-    frame_memory_ff_dim=0,   # their feed-forward width; 0: the bridge's (4 * d_model)
+    frame_memory_ff_dim=0,   # their feed-forward width; 0: the bridge's (4 * d_model) / frame_memory_divisor
+    frame_memory_divisor=1,  # the layers run at d_model / this (projected down and back up); 1: at d_model
     prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
 )
 ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decoder: small checkpoints
@@ -104,7 +105,7 @@ ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decod
 DECODER_DEFAULTS = dict(target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0, gradient_checkpointing=False)
 # What a checkpoint saved before a flag existed (or before its default changed) was trained with.
 PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1, frame_route="encoder",
-                         frame_memory_layers=0, frame_memory_ff_dim=0, freeze_t5=False, lora_rank=0, lora_alpha=0, target_lang=None)
+                         frame_memory_layers=0, frame_memory_ff_dim=0, frame_memory_divisor=1, freeze_t5=False, lora_rank=0, lora_alpha=0, target_lang=None)
 # Flags that change the model's shape or what its inputs mean: a resumed run must match them.
 ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", "freeze_t5", "lora_rank", "lora_alpha", "target_lang",
                       *MODEL_DEFAULTS)
@@ -1132,22 +1133,33 @@ class FrameMemory(nn.Module):
     cross-attention, beside what its encoder makes of the bridge's tokens. The decoder's encoder then
     reads 32 tokens, not 32 + T: a frame token costs each decoder layer a key and a value instead of a
     pass through every encoder layer. `layers` pre-norm self-attention layers give the frame tokens
-    context first (feed-forward width: --frame_memory_ff_dim, or the bridge's); `scale` starts at the RMS
-    of the decoder encoder's own output."""
+    context first (feed-forward width: --frame_memory_ff_dim, or the bridge's); with
+    --frame_memory_divisor N > 1 they run at d_model / N, between a projection down and one back up whose
+    output is added to the tokens (N² times less work per token in the layers). `scale` starts at the
+    RMS of the decoder encoder's own output."""
 
     def __init__(self, d_model, options, bridge_ff_dim, scale):
         super().__init__()
-        ff_dim = options["frame_memory_ff_dim"] or bridge_ff_dim
+        divisor, heads = options["frame_memory_divisor"], options["num_heads"]
+        width = d_model // divisor
+        if d_model % divisor or width % heads:
+            raise UserError(f"--frame_memory_divisor {divisor}: the frame layers' width d_model / {divisor} must be "
+                            f"a whole number divisible by --num_heads {heads} (d_model is {d_model})")
+        ff_dim = options["frame_memory_ff_dim"] or bridge_ff_dim // divisor
+        projected = divisor > 1 and options["frame_memory_layers"] > 0
+        self.down, self.up = (nn.Linear(d_model, width), nn.Linear(width, d_model)) if projected else (None, None)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d_model, options["num_heads"], ff_dim, options["bridge_dropout"],
+            nn.TransformerEncoderLayer(width, heads, ff_dim, options["bridge_dropout"],
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(options["frame_memory_layers"]))
         self.norm = nn.LayerNorm(d_model)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     def forward(self, tokens, padding):      # (B, T, d), (B, T) -> (B, T, d), attention mask (B, T)
+        context = tokens if self.down is None else self.down(tokens)
         for layer in self.layers:
-            tokens = layer(tokens, src_key_padding_mask=padding)
+            context = layer(context, src_key_padding_mask=padding)
+        tokens = context if self.up is None else tokens + self.up(context)
         return self.norm(tokens) * self.scale, (~padding).long()
 
 
@@ -1778,13 +1790,16 @@ class SONARwithT5(nn.Module):
         route = "cross_attention" if "bridge.frame_memory.scale" in state_dict else "encoder"
         ff = state_dict.get("bridge.frame_memory.layers.0.linear1.weight")
         ff_dim = self.options["frame_memory_ff_dim"] if ff is None else len(ff)
+        down = state_dict.get("bridge.frame_memory.down.weight")
+        divisor = 1 if down is None else down.shape[1] // down.shape[0]
         current = self.bridge.frame_memory
         if (current is None) if route == "encoder" else (
                 current is not None and len(current.layers) == len(layers)
+                and self.options["frame_memory_divisor"] == divisor
                 and (not layers or current.layers[0].linear1.out_features == ff_dim)):
             return
         self.options = {**self.options, "frame_route": route, "frame_memory_layers": len(layers),
-                        "frame_memory_ff_dim": ff_dim}
+                        "frame_memory_ff_dim": ff_dim, "frame_memory_divisor": divisor}
         self.bridge.frame_memory = (FrameMemory(self.decoder_model.config.d_model, self.options, self.bridge.ff_dim, 1.0)
                                     .to(self.device) if route == "cross_attention" else None)
 
@@ -3426,8 +3441,10 @@ def build_parser():
     g.add_argument("--frame_memory_layers", type=int, default=MODEL_DEFAULTS["frame_memory_layers"],
                    help="with --frame_route cross_attention: self-attention layers over the frame tokens first")
     g.add_argument("--frame_memory_ff_dim", type=int, default=MODEL_DEFAULTS["frame_memory_ff_dim"],
-                   help="feed-forward width of those layers (0: the bridge's, 4 x d_model; a narrower one is faster "
-                        "and scored lower in bench/quality.py)")
+                   help="feed-forward width of those layers (0: the bridge's, 4 x d_model, over "
+                        "--frame_memory_divisor; a narrower one is faster and scored lower in bench/quality.py)")
+    g.add_argument("--frame_memory_divisor", type=int, default=MODEL_DEFAULTS["frame_memory_divisor"],
+                   help="run those layers at d_model / this width, projected down and back up (1: at d_model)")
     g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
     g.add_argument("--prefix_dim", type=int, default=MODEL_DEFAULTS["prefix_dim"],
@@ -3538,6 +3555,7 @@ def validate_args(args):
     """Every problem with the flags at once, before any work starts."""
     problems = []
     for name in ("epochs", "batch_size", "grad_accum_steps", "num_queries", "num_heads", "bridge_layers", "frame_stride", "frame_kernel",
+                 "frame_memory_divisor",
                  "memory_tokens", "eval_every", "eval_batch_size", "num_beams", "max_new_tokens",
                  "max_target_length", "max_bad_steps"):
         if getattr(args, name) < 1:

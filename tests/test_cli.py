@@ -122,14 +122,22 @@ def test_check_reports_each_problem_and_exits(project, capsys):
 
 
 def test_bad_flags_are_reported_together_before_any_work(project, capsys):
-    code = tsw.main(["--batch_size", "0", "--num_queries", "0", "--train_features", "nowhere",
+    code = tsw.main(["--batch_size", "0", "--num_queries", "0", "--frame_memory_divisor", "0", "--train_features", "nowhere",
                      "--label_smoothing", "1.5", "--output_dir", "out"])
     assert code == 2
     printed = capsys.readouterr().out
-    for text in ("--batch_size must be at least 1", "--num_queries must be at least 1",
+    for text in ("--batch_size must be at least 1", "--num_queries must be at least 1", "--frame_memory_divisor must be at least 1",
                  "--train_features folder not found: nowhere", "--label_smoothing must be in [0, 1)"):
         assert text in printed
     assert "Traceback" not in printed and not (project / "out" / "best_model.pt").exists()
+
+
+def test_a_frame_layer_width_that_does_not_fit_the_decoder_is_one_line(project, tmp_path, capsys):
+    """--frame_memory_divisor must split d_model (128 here) into a width the heads divide: 3 does not."""
+    assert tsw.main(quick_flags(project, tmp_path / "out", "--frame_route", "cross_attention",
+                                "--frame_memory_divisor", "3")) != 0
+    printed = capsys.readouterr().out
+    assert "--frame_memory_divisor 3" in printed and "d_model is 128" in printed and "Traceback" not in printed
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def test_frame_checkpoints_from_before_frame_routes_load_and_resume(project, tmp
     assert tsw.main(flags + ["--frame_route", "encoder"]) == 0
     for name in ("best_model.pt", "last.pt"):     # as the previous version wrote them
         checkpoint = torch.load(out / name)
-        for key in ("frame_route", "frame_memory_layers", "frame_memory_ff_dim"):
+        for key in ("frame_route", "frame_memory_layers", "frame_memory_ff_dim", "frame_memory_divisor"):
             del checkpoint["model_config"][key], checkpoint["args"][key]
         torch.save(checkpoint, out / name)
     model = tsw.SONARwithT5(sonar_checkpoint=str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
@@ -204,19 +204,23 @@ def test_frame_windows_follow_the_clip_and_ignore_padding():
     assert torch.allclose(longer[0, :4], tokens[0], atol=1e-5) and longer_padding[0].tolist() == [False] * 4 + [True] * 2
 
 
-@pytest.mark.parametrize("layers", [0, 1])
-def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, tmp_path, layers):
+@pytest.mark.parametrize("layers,divisor", [(0, 1), (1, 1), (1, 2)])
+def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, tmp_path, layers, divisor):
     """--frame_route cross_attention: T5's encoder reads only the bridge's queries; the decoder's
     cross-attention reads its output and then the frame memory. A run trains, --predict reproduces its
-    predictions, and Cell 7's model of the other route (and depth, feed-forward width) rebuilds it from
-    the state dict."""
+    predictions, and Cell 7's model of the other route (and depth, feed-forward width, layer width)
+    rebuilds it from the state dict."""
     out = tmp_path / "cross"
-    route = ["--frame_route", "cross_attention", "--frame_memory_layers", str(layers), "--frame_memory_ff_dim", "24"]
-    other = ["encoder", 0] if layers else ["cross_attention", 2]
+    route = ["--frame_route", "cross_attention", "--frame_memory_layers", str(layers), "--frame_memory_ff_dim", "24",
+             "--frame_memory_divisor", str(divisor)]
+    other = ["encoder", 0, 1] if layers else ["cross_attention", 2, 2]
     assert tsw.main(quick_flags(project, out, "--epochs", "2", "--cache_dir", str(tmp_path / "cache"), *route)) == 0
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").eval()
     assert model.options["frame_route"] == "cross_attention" and len(model.bridge.frame_memory.layers) == layers
     assert all(layer.linear1.out_features == 24 for layer in model.bridge.frame_memory.layers)
+    d_model = model.t5.config.d_model
+    assert all(layer.linear1.in_features == d_model // divisor for layer in model.bridge.frame_memory.layers)
+    assert (model.bridge.frame_memory.down is None) == (divisor == 1) and model.options["frame_memory_divisor"] == divisor
     frames = torch.randn(3, 11, 64)
     frames[2, 7:] = 0                                                       # clip 2: 7 frames, then padding
     batch = model.batch_from_features(frames)
@@ -239,11 +243,13 @@ def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, t
                          for name in ("predictions.tsv", "best_predictions.tsv"))
     assert [(r["id"], r["prediction"]) for r in predictions] == [(r["id"], r["prediction"]) for r in best]
     state = torch.load(out / "best_model.pt")["model_state_dict"]
-    for built in (dict(frame_route=other[0], frame_memory_layers=other[1]), dict(frame_attention=False)):
+    for built in (dict(frame_route=other[0], frame_memory_layers=other[1], frame_memory_divisor=other[2]),
+                  dict(frame_attention=False)):
         cell7 = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                                 str(project / "t5-small"), device="cpu", **built)
         cell7.load_state_dict(state)
         assert cell7.options["frame_route"] == "cross_attention" and cell7.options["frame_memory_layers"] == layers
+        assert cell7.options["frame_memory_divisor"] == divisor
         assert all(layer.linear1.out_features == 24 for layer in cell7.bridge.frame_memory.layers)
         assert cell7.state_dict().keys() == model.state_dict().keys()
         assert all(torch.equal(v, state[k]) for k, v in cell7.state_dict().items() if k in state)
