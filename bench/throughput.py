@@ -12,7 +12,9 @@ real-English targets, same batch size. Ours with and without frames each run two
 best rate (the frame step cost compares these); in a third epoch of ours bare T5 takes a step after each
 of ours, on the same batch, and the overhead is bare's rate over ours in that epoch (pairs see the same
 machine: its speed drifts by 10% and more over minutes, which made best-of-two runs of bare and ours
-differ by that much between runs; interleaved, both run a little slower than alone).
+differ by that much between runs; interleaved, both run a little slower than alone). The median of the
+pairs' ratios is printed beside it, and the FLOP ratio (ours over bare, one forward + backward on the same
+batch, counted by torch's FlopCounterMode), which does not move with the machine.
   ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it, default flags (frames read by
             T5 and the bridge, from the frame store; `without frames`: --no-frame_attention; cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
@@ -162,7 +164,8 @@ def time_paired(trainer, bare, epoch, shape, device):
     """One epoch of our training loop; with `bare`, bare T5 takes a step on the same batch (labels and
     input lengths) after each of ours, its time left out of ours. Paired steps see the same machine: a
     drift in its speed (seconds to minutes long on a shared 2-core machine) hits both alike.
-    Returns (our samples/s, bare samples/s or None, FLOPs of one bare step or None)."""
+    Returns (our samples/s, bare samples/s or None, FLOPs of one bare step or None, the median over pairs of
+    our step time over bare's or None)."""
     labels, inputs = batch_shapes(trainer, trainer.epoch_batches(epoch)) if bare else (None, None)
     ours_s, bare_s, flops, step = [], [], [], trainer.scheduler.step
     started = [time.perf_counter()]
@@ -183,8 +186,23 @@ def time_paired(trainer, bare, epoch, shape, device):
         trainer.train_epoch(epoch)
     finally:
         trainer.scheduler.step = step
-    return duration_rate(ours_s, shape["batch"]), duration_rate(bare_s, shape["batch"]) if bare else None, \
-        flops[WARMUP_STEPS] if bare else None
+    if not bare:
+        return duration_rate(ours_s, shape["batch"]), None, None, None
+    ratios = [o / b for o, b in zip(ours_s[WARMUP_STEPS:], bare_s[WARMUP_STEPS:])]
+    return duration_rate(ours_s, shape["batch"]), duration_rate(bare_s, shape["batch"]), flops[WARMUP_STEPS], \
+        float(np.median(ratios))
+
+
+def ours_flops(trainer, epoch):
+    """FLOPs (torch's FlopCounterMode: matrix products and attention) of our forward + backward on the batch
+    whose bare step time_paired counts; gradients dropped after, weights untouched."""
+    batch = next(iter(tsw.clip_batches(trainer.train_set, [trainer.epoch_batches(epoch)[WARMUP_STEPS]])))
+    trainer.model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.model(batch, label_smoothing=trainer.args.label_smoothing)[0].backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 class BareT5:
@@ -434,7 +452,9 @@ def main():
             embedding, _, embedding_trainer = measure_ours(root, shape, device, precision, "--no-frame_attention")
             embedding_eval = time_evaluation(embedding_trainer, device)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
-            paired_ours, bare, flops = time_paired(trainer, BareT5(root, shape, device, precision), 2, shape, device)
+            paired_ours, bare, flops, median_ratio = time_paired(trainer, BareT5(root, shape, device, precision), 2,
+                                                                 shape, device)
+            flops_ours = ours_flops(trainer, 2)
             eval_rate = max(eval_rate, time_evaluation(trainer, device))
             embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
             embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
@@ -444,6 +464,7 @@ def main():
                             else float("nan"))
         results[name] = {
             "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / paired_ours,
+            "overhead_median_pair": median_ratio, "flops_ratio": flops_ours / flops,
             "paired_train_samples_per_s": paired_ours,
             "embedding_only_samples_per_s": embedding, "frame_step_cost": embedding / ours,
             "embedding_only_eval_sentences_per_s": embedding_eval, "frame_eval_cost": embedding_eval / eval_rate,
@@ -456,11 +477,13 @@ def main():
             "timed_steps": len(labels) - WARMUP_STEPS, "precision": precision}
     print(f"\nmachine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; precision {precision}")
     print("| shape | ours samples/s (frames) | without frames | frame step cost | bare T5, same inputs | overhead "
-          "| eval sentences/s (frames / without) | seed samples/s (max_length / longest) | ours vs seed | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "(median pair) | FLOPs ours / bare | eval sentences/s (frames / without) | seed samples/s (max_length / longest) "
+          "| ours vs seed | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['train_samples_per_s']:.1f} | {r['embedding_only_samples_per_s']:.1f} | "
-              f"{r['frame_step_cost']:.2f}x | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} | "
+              f"{r['frame_step_cost']:.2f}x | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} "
+              f"({r['overhead_median_pair']:.3f}) | {r['flops_ratio']:.3f} | "
               f"{r['eval_sentences_per_s']:.1f} / {r['embedding_only_eval_sentences_per_s']:.1f} | "
               f"{r['seed_pipeline_samples_per_s']:.1f} / {r['seed_longest_samples_per_s']:.1f} | "
               f"{r['speedup_vs_seed']:.2f}x / {r['speedup_vs_seed_longest']:.2f}x | {r['mfu']:.1%} |")
