@@ -157,16 +157,15 @@ def time_evaluation(trainer, device):
 
 def time_epoch(trainer, epoch, shape, device):
     """Samples/s of one epoch of our training loop, timed at its optimizer steps."""
-    return time_paired(trainer, None, epoch, shape, device)[0]
+    return time_paired(trainer, epoch, shape, device)[0]
 
 
-def time_paired(trainer, bare, epoch, shape, device):
-    """One epoch of our training loop; with `bare`, bare T5 takes a step on the same batch (labels and
-    input lengths) after each of ours, its time left out of ours. Paired steps see the same machine: a
-    drift in its speed (seconds to minutes long on a shared 2-core machine) hits both alike.
-    Returns (our samples/s, bare samples/s or None, FLOPs of one bare step or None, the median over pairs of
-    our step time over bare's or None)."""
-    labels, inputs = batch_shapes(trainer, trainer.epoch_batches(epoch)) if bare else (None, None)
+def time_paired(trainer, epoch, shape, device, bare=None, labels=None, inputs=None):
+    """One epoch of our training loop; with `bare`, bare T5 takes a step on the same batch (`labels` and
+    `inputs`: batch_shapes of this epoch's batches) after each of ours, its time left out of ours. Paired
+    steps see the same machine: a drift in its speed (seconds to minutes long on a shared 2-core machine)
+    hits both alike. Returns (our samples/s, bare samples/s or None, FLOPs of one bare step or None, the
+    median over pairs of our step time over bare's or None)."""
     ours_s, bare_s, flops, step = [], [], [], trainer.scheduler.step
     started = [time.perf_counter()]
 
@@ -452,13 +451,13 @@ def main():
             embedding, _, embedding_trainer = measure_ours(root, shape, device, precision, "--no-frame_attention")
             embedding_eval = time_evaluation(embedding_trainer, device)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
-            paired_ours, bare, flops, median_ratio = time_paired(trainer, BareT5(root, shape, device, precision), 2,
-                                                                 shape, device)
+            labels, inputs = batch_shapes(trainer, trainer.epoch_batches(2))
+            paired_ours, bare, flops, median_ratio = time_paired(trainer, 2, shape, device,
+                                                                 BareT5(root, shape, device, precision), labels, inputs)
             flops_ours = ours_flops(trainer, 2)
             eval_rate = max(eval_rate, time_evaluation(trainer, device))
             embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
             embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
-            labels, inputs = batch_shapes(trainer, trainer.epoch_batches(2))
             seed = measure_seed(root, shape, device, len(labels), "max_length") if args.seed_pipeline else float("nan")
             seed_longest = (measure_seed(root, shape, device, len(labels), "longest") if args.seed_pipeline
                             else float("nan"))
