@@ -1752,6 +1752,7 @@ class SONARwithT5(nn.Module):
         # (without a spec: saved before decoders were recorded, so a fully trained T5 like this one)
         state_dict = {**state_dict, "decoder_spec": self.decoder_spec}
         state_dict = self.fit_frame_path(state_dict)
+        self.fit_prefix(state_dict)
         if self.decoder["training"] == "full":
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
@@ -1760,6 +1761,15 @@ class SONARwithT5(nn.Module):
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\tMissing key(s): "
                                f"{missing}; unexpected key(s): {result.unexpected_keys}")
         return result._replace(missing_keys=missing)
+
+    def fit_prefix(self, state_dict):
+        """The prefix MLP's hidden width a state dict was saved with (--prefix_dim: 256 by default beside a
+        frozen or LoRA decoder, any width when typed), when it is not this model's."""
+        saved, mlp = state_dict.get("bridge.prefix_mlp.0.weight"), getattr(self.bridge, "prefix_mlp", None)
+        if saved is None or mlp is None or mlp[0].out_features == len(saved):
+            return
+        self.options = {**self.options, "prefix_dim": len(saved)}
+        self.bridge.prefix_mlp = self.bridge.make_prefix_mlp(self.sonar_encoder.output_dim, self.options).to(self.device)
 
     def fit_frame_path(self, state_dict):
         """Rebuild (or drop) the frame encoder and the frame memory so their shapes are the ones `state_dict`

@@ -175,10 +175,11 @@ def test_frame_checkpoints_from_before_frame_routes_load_and_resume(project, tmp
     assert tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").options["frame_route"] == "encoder"
 
 
-def test_a_default_model_loads_a_checkpoint_with_another_stride(project, tmp_path):
+def test_a_default_model_loads_a_checkpoint_with_another_stride_and_prefix_width(project, tmp_path):
+    """Cell 7's default model takes the frame window and the prefix MLP's width from the state dict."""
     out = tmp_path / "stride2"
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "3", "--frame_kernel", "5",
-                                "--cache_dir", str(tmp_path / "cache"))) == 0
+                                "--prefix_dim", "40", "--cache_dir", str(tmp_path / "cache"))) == 0
     state = torch.load(out / "best_model.pt")["model_state_dict"]
     model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             str(project / "t5-small"), device="cpu")
@@ -187,6 +188,8 @@ def test_a_default_model_loads_a_checkpoint_with_another_stride(project, tmp_pat
     assert model.options["frame_stride"] == 3 and model.options["frame_kernel"] == 5
     assert torch.equal(model.bridge.frame_encoder.frame_projection.weight,
                        state["bridge.frame_encoder.frame_projection.weight"])
+    assert model.bridge.prefix_mlp[0].out_features == 40 == model.options["prefix_dim"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_frame_windows_follow_the_clip_and_ignore_padding():
