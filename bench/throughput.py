@@ -13,8 +13,9 @@ best rate (the frame step cost compares these); in a third epoch of ours bare T5
 of ours, on the same batch, and the overhead is bare's rate over ours in that epoch (pairs see the same
 machine: its speed drifts by 10% and more over minutes, which made best-of-two runs of bare and ours
 differ by that much between runs; interleaved, both run a little slower than alone). The median of the
-pairs' ratios is printed beside it, and the FLOP ratio (ours over bare, one forward + backward on the same
-batch, counted by torch's FlopCounterMode), which does not move with the machine.
+pairs' ratios is printed beside it, and the FLOP ratio (ours over bare, a forward + backward of each on every
+batch timed in that epoch, summed; counted by torch's FlopCounterMode after the timing), which does not move
+with the machine.
   ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it, default flags (frames read by
             T5 and the bridge, from the frame store; `without frames`: --no-frame_attention; cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
@@ -29,7 +30,7 @@ batch, counted by torch's FlopCounterMode), which does not move with the machine
             kept as labels, the guide's bridge, fp32. `seed_longest` is the same with targets padded
             only to the batch's longest (in case the original did that): both are reported.
 Evaluation: the whole validation set, beam 4, every sentence decoded to exactly 64 tokens (how long an
-untrained model's sentences are is chance). MFU: FLOPs of one bare step (counted with torch's FlopCounterMode) x our steps/s, over a matmul peak
+untrained model's sentences are is chance). MFU: bare's mean FLOPs per step (counted with torch's FlopCounterMode) x our steps/s, over a matmul peak
 measured here (fp32 on CPU, bf16 on GPU). Prints a table, then one JSON object as the last line.
 """
 
@@ -164,9 +165,9 @@ def time_paired(trainer, epoch, shape, device, bare=None, labels=None, inputs=No
     """One epoch of our training loop; with `bare`, bare T5 takes a step on the same batch (`labels` and
     `inputs`: batch_shapes of this epoch's batches) after each of ours, its time left out of ours. Paired
     steps see the same machine: a drift in its speed (seconds to minutes long on a shared 2-core machine)
-    hits both alike. Returns (our samples/s, bare samples/s or None, FLOPs of one bare step or None, the
-    median over pairs of our step time over bare's or None)."""
-    ours_s, bare_s, flops, step = [], [], [], trainer.scheduler.step
+    hits both alike. Returns (our samples/s, bare samples/s or None, the median over pairs of our step time
+    over bare's or None)."""
+    ours_s, bare_s, step = [], [], trainer.scheduler.step
     started = [time.perf_counter()]
 
     def timed_step():
@@ -176,7 +177,7 @@ def time_paired(trainer, epoch, shape, device, bare=None, labels=None, inputs=No
         if bare:
             i = len(ours_s) - 1
             begin = time.perf_counter()
-            flops.append(bare.step(labels[i], *inputs[i], count_flops=i == WARMUP_STEPS))
+            bare.step(labels[i], *inputs[i])
             bare_s.append(time.perf_counter() - begin)
         started[0] = time.perf_counter()
 
@@ -186,22 +187,31 @@ def time_paired(trainer, epoch, shape, device, bare=None, labels=None, inputs=No
     finally:
         trainer.scheduler.step = step
     if not bare:
-        return duration_rate(ours_s, shape["batch"]), None, None, None
+        return duration_rate(ours_s, shape["batch"]), None, None
     ratios = [o / b for o, b in zip(ours_s[WARMUP_STEPS:], bare_s[WARMUP_STEPS:])]
-    return duration_rate(ours_s, shape["batch"]), duration_rate(bare_s, shape["batch"]), flops[WARMUP_STEPS], \
-        float(np.median(ratios))
+    return duration_rate(ours_s, shape["batch"]), duration_rate(bare_s, shape["batch"]), float(np.median(ratios))
 
 
-def ours_flops(trainer, epoch):
-    """FLOPs (torch's FlopCounterMode: matrix products and attention) of our forward + backward on the batch
-    whose bare step time_paired counts; gradients dropped after, weights untouched."""
-    batch = next(iter(tsw.clip_batches(trainer.train_set, [trainer.epoch_batches(epoch)[WARMUP_STEPS]])))
-    trainer.model.train()
+def counted_flops(run):
+    """FLOPs (torch's FlopCounterMode: matrix products and attention) of `run()`."""
     counter = FlopCounterMode(display=False)
     with counter:
-        trainer.model(batch, label_smoothing=trainer.args.label_smoothing)[0].backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+        run()
     return counter.get_total_flops()
+
+
+def paired_flops(trainer, epoch, bare, labels, inputs):
+    """FLOPs of a forward + backward of ours and of bare T5 on each batch time_paired timed (after warm-up),
+    summed: (ours, bare). Counted after the timing, outside it; gradients dropped, weights untouched."""
+    batches = trainer.epoch_batches(epoch)[WARMUP_STEPS:len(labels)]
+    trainer.model.train()
+    ours = bare_total = 0
+    for i, batch in enumerate(tsw.clip_batches(trainer.train_set, batches), start=WARMUP_STEPS):
+        ours += counted_flops(lambda: trainer.model(batch, label_smoothing=trainer.args.label_smoothing)[0].backward())
+        trainer.optimizer.zero_grad(set_to_none=True)
+        bare_total += counted_flops(lambda: bare.loss(labels[i], *inputs[i]).backward())
+        bare.optimizer.zero_grad(set_to_none=True)
+    return ours, bare_total
 
 
 class BareT5:
@@ -214,23 +224,24 @@ class BareT5:
         self.t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
         self.optimizer = torch.optim.AdamW(self.t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
 
-    def step(self, labels, length, extra, count_flops=False):
-        """One training step; its FLOPs (torch's FlopCounterMode) when `count_flops`, else None."""
+    def loss(self, labels, length, extra):
+        """The forward pass: T5's loss on `labels` from `length` input tokens and `extra` memory tokens."""
         device, d_model = self.device, self.shape["d_model"]
         labels = labels.to(device)
         inputs_embeds = torch.randn(len(labels), length, d_model, device=device)
         extra_memory = torch.randn(len(labels), extra, d_model, device=device)
         mask = torch.ones(len(labels), length + extra, dtype=torch.long, device=device)
-        counter = FlopCounterMode(display=False) if count_flops else None
-        with counter or tsw.contextlib.nullcontext(), tsw.autocast_for(device, self.precision):
+        with tsw.autocast_for(device, self.precision):
             memory = self.t5.encoder(inputs_embeds=inputs_embeds)[0]
-            loss = self.t5(encoder_outputs=tsw.encoder_output(torch.cat([memory, extra_memory], dim=1)),
+            return self.t5(encoder_outputs=tsw.encoder_output(torch.cat([memory, extra_memory], dim=1)),
                            attention_mask=mask, labels=labels).loss
-            loss.backward()
+
+    def step(self, labels, length, extra):
+        """One training step."""
+        self.loss(labels, length, extra).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        return counter.get_total_flops() if counter else None
+        sync(self.device)
 
 
 def measure_frames(root, shape, device, precision, *flags, read_delay_ms=0):
@@ -452,9 +463,10 @@ def main():
             embedding_eval = time_evaluation(embedding_trainer, device)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
             labels, inputs = batch_shapes(trainer, trainer.epoch_batches(2))
-            paired_ours, bare, flops, median_ratio = time_paired(trainer, 2, shape, device,
-                                                                 BareT5(root, shape, device, precision), labels, inputs)
-            flops_ours = ours_flops(trainer, 2)
+            bare_t5 = BareT5(root, shape, device, precision)
+            paired_ours, bare, median_ratio = time_paired(trainer, 2, shape, device, bare_t5, labels, inputs)
+            flops_ours, flops_bare = paired_flops(trainer, 2, bare_t5, labels, inputs)
+            flops = flops_bare / (len(labels) - WARMUP_STEPS)                # bare's mean FLOPs per step
             eval_rate = max(eval_rate, time_evaluation(trainer, device))
             embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
             embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
@@ -463,7 +475,7 @@ def main():
                             else float("nan"))
         results[name] = {
             "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / paired_ours,
-            "overhead_median_pair": median_ratio, "flops_ratio": flops_ours / flops,
+            "overhead_median_pair": median_ratio, "flops_ratio": flops_ours / flops_bare,
             "paired_train_samples_per_s": paired_ours,
             "embedding_only_samples_per_s": embedding, "frame_step_cost": embedding / ours,
             "embedding_only_eval_sentences_per_s": embedding_eval, "frame_eval_cost": embedding_eval / eval_rate,
