@@ -6,6 +6,7 @@
     python bench/throughput.py --decoder_training --shapes t5-small   # full vs frozen vs LoRA: speed, memory, checkpoint
     python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
     python bench/throughput.py --shapes t5-small --extra "--frame_route encoder"   # a candidate's flags for ours
+    python bench/throughput.py --flops_by_module --shapes t5-small   # where our forward pass's FLOPs go
 
 Same process, same generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300), same
 real-English targets, same batch size. Ours with and without frames each run two epochs and keep their
@@ -305,6 +306,30 @@ def measure_seed(root, shape, device, steps, padding):
     return rate(step_times, shape["batch"])
 
 
+def flops_by_module(args, device, precision):
+    """Our forward pass's FLOPs by module (torch's FlopCounterMode) on the batch the paired epoch times first;
+    a module called inside another counts in both rows."""
+    extra = shlex.split(args.extra)
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            make_data(root, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
+            trainer = build_trainer(root, shape, device, precision, *extra)
+            batch = next(iter(tsw.clip_batches(trainer.train_set, [trainer.epoch_batches(2)[WARMUP_STEPS]])))
+            counter = FlopCounterMode(display=False, depth=4)
+            with torch.no_grad(), counter:
+                trainer.model.train()(batch, label_smoothing=trainer.args.label_smoothing)
+        total = counter.get_total_flops()
+        tokens = trainer.raw_model.frame_tokens(batch)[0]
+        print(f"\n{name}: {total / 1e9:.1f} GFLOP forward, batch {shape['batch']}, "
+              f"{0 if tokens is None else tokens.shape[1]} frame tokens\n| module | GFLOP | share |\n|---|---|---|")
+        for module, counts in counter.get_flop_counts().items():
+            flops = sum(counts.values())
+            if module not in ("Global", "SONARwithT5") and module.count(".") <= 3 and flops >= 0.005 * total:
+                print(f"| {module.removeprefix('SONARwithT5.')} | {flops / 1e9:.2f} | {flops / total:.1%} |")
+
+
 def matmul_peak(device):
     """Best FLOP/s of a large matmul here: fp32 on CPU, bf16 on GPU."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
@@ -430,6 +455,8 @@ def main():
     parser.add_argument("--seed_pipeline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the original per-step pipeline (--no-seed_pipeline: skip it)")
     parser.add_argument("--extra", default="", help="flags added to our default run (a candidate to compare)")
+    parser.add_argument("--flops_by_module", action="store_true",
+                        help="instead: our forward pass's FLOPs by module, one batch (with --extra: a candidate's)")
     parser.add_argument("--one_mode", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -445,6 +472,8 @@ def main():
         return checkpoint_sizes_table()
     if args.decoder_training:
         return decoder_training_table(args, machine)
+    if args.flops_by_module:
+        return flops_by_module(args, device, precision)
     peak = matmul_peak(device)
     if args.frames:
         return frames_table(args, device, precision, machine)
