@@ -1629,6 +1629,7 @@ class SONARwithT5(nn.Module):
             raise UserError("SONARwithT5 needs sonar_checkpoint (or encoder_dims)")
         if t5 is None:
             t5, tokenizer = load_t5(t5_model_name)
+        self.register_buffer("model_spec", torch.zeros(0, dtype=torch.uint8))   # `options`, carried by the state dict
         self.freeze_encoder, self.options = freeze_encoder, options
         if freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
             self.sonar_encoder.requires_grad_(False).eval()
@@ -1638,6 +1639,18 @@ class SONARwithT5(nn.Module):
             self.options = {**options, "frame_route": default_frame_route(self.decoder_model.config)}
         self.bridge = self.make_bridge(feature_dim or self.sonar_encoder.input_dim)
         self.to(resolve_device(device) if isinstance(device, str) else device)
+
+    @property
+    def options(self):
+        """The bridge and frame path's options (MODEL_DEFAULTS keys). The state dict carries them
+        (`model_spec`), so that a model built with other flags (Cell 7's default one) rebuilds the bridge
+        a checkpoint was trained with, num_heads too, which no weight's shape tells."""
+        return self._options
+
+    @options.setter
+    def options(self, options):
+        self._options = options
+        self.model_spec = spec_tensor(options).to(self.model_spec.device)
 
     def make_bridge(self, frame_dim):
         t5 = self.decoder_model
@@ -1750,9 +1763,11 @@ class SONARwithT5(nn.Module):
         if spec is not None:
             self.fit_decoder(spec_of(spec))
         # (without a spec: saved before decoders were recorded, so a fully trained T5 like this one)
-        state_dict = {**state_dict, "decoder_spec": self.decoder_spec}
-        state_dict = self.fit_frame_path(state_dict)
+        self.fit_bridge(state_dict)
+        state_dict = self.fit_frame_path(state_dict)      # (checkpoints saved without `model_spec`)
         self.fit_prefix(state_dict)
+        state_dict = {**state_dict, "decoder_spec": self.decoder_spec, "model_spec": self.model_spec}
+        self.train(self.training)      # parts rebuilt above start in training mode: the model's mode for all
         if self.decoder["training"] == "full":
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
@@ -1761,6 +1776,22 @@ class SONARwithT5(nn.Module):
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\tMissing key(s): "
                                f"{missing}; unexpected key(s): {result.unexpected_keys}")
         return result._replace(missing_keys=missing)
+
+    def fit_bridge(self, state_dict):
+        """The bridge (and frame path) a state dict was saved with, from the options it carries, when they
+        are not this model's. Saved before 2026-12-01: no `model_spec`; the frame path and the prefix width
+        are then read from the weights' shapes (fit_frame_path, fit_prefix), the other options taken as
+        this model's."""
+        spec = state_dict.get("model_spec")
+        if spec is None:
+            return
+        saved = {**self.options, **{k: v for k, v in spec_of(spec).items() if k in MODEL_DEFAULTS}}
+        if saved == self.options:
+            return
+        self.options = saved
+        frame_mean = state_dict.get("bridge.frame_encoder.frame_mean")
+        self.bridge = self.make_bridge(self.sonar_encoder.input_dim if frame_mean is None else len(frame_mean)
+                                       ).to(self.device)
 
     def fit_prefix(self, state_dict):
         """The prefix MLP's hidden width a state dict was saved with (--prefix_dim: 256 by default beside a
@@ -2583,7 +2614,11 @@ class Trainer:
         return checkpoint
 
     def restore(self, checkpoint, path):
+        parameters = [id(p) for p in self.raw_model.parameters()]
         load_model_state(self.raw_model, checkpoint["model_state_dict"], path)
+        if [id(p) for p in self.raw_model.parameters()] != parameters:   # rebuilt to fit it: the optimizer has others
+            raise UserError(f"{path}: its bridge is not the one this run's flags build; rerun with the flags it was "
+                            "trained with or use another --output_dir")
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
             self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
@@ -3004,7 +3039,7 @@ def upgrade_state_dict(state):
             for old, new in FORMAT1_RENAMES:
                 if key.startswith(old):
                     return new + key[len(old):]
-            return key if key.startswith(("t5.", "sonar_encoder.")) or key == "decoder_spec" else "bridge." + key
+            return key if key.startswith(("t5.", "sonar_encoder.")) or key in ("decoder_spec", "model_spec") else "bridge." + key
         state = {renamed(key): value for key, value in state.items()}
     return state
 

@@ -132,6 +132,7 @@ def test_previous_version_checkpoints_load_and_resume(project, tmp_path, capsys)
         checkpoint = torch.load(out / name)
         for key in ("frame_stride", "frame_kernel"):
             del checkpoint["model_config"][key], checkpoint["args"][key]
+        del checkpoint["model_state_dict"]["model_spec"]
         checkpoint["args"]["frame_attention"] = checkpoint["model_config"]["frame_attention"] = False
         torch.save(checkpoint, out / name)
     model = tsw.SONARwithT5(sonar_checkpoint=str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
@@ -159,6 +160,7 @@ def test_frame_checkpoints_from_before_frame_routes_load_and_resume(project, tmp
         checkpoint = torch.load(out / name)
         for key in ("frame_route", "frame_memory_layers", "frame_memory_ff_dim", "frame_memory_divisor"):
             del checkpoint["model_config"][key], checkpoint["args"][key]
+        del checkpoint["model_state_dict"]["model_spec"]
         torch.save(checkpoint, out / name)
     model = tsw.SONARwithT5(sonar_checkpoint=str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             t5_model_name=str(project / "t5-small"), device="cpu", frame_route="cross_attention")
@@ -176,11 +178,13 @@ def test_frame_checkpoints_from_before_frame_routes_load_and_resume(project, tmp
 
 
 def test_a_default_model_loads_a_checkpoint_with_another_stride_and_prefix_width(project, tmp_path):
-    """Cell 7's default model takes the frame window and the prefix MLP's width from the state dict."""
+    """Cell 7's default model takes the frame window and the prefix MLP's width from the weights' shapes
+    when the state dict does not carry its options (saved before 2026-12-01)."""
     out = tmp_path / "stride2"
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "3", "--frame_kernel", "5",
                                 "--prefix_dim", "40", "--cache_dir", str(tmp_path / "cache"))) == 0
     state = torch.load(out / "best_model.pt")["model_state_dict"]
+    del state["model_spec"]
     model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             str(project / "t5-small"), device="cpu")
     model.load_state_dict(state)
@@ -189,7 +193,36 @@ def test_a_default_model_loads_a_checkpoint_with_another_stride_and_prefix_width
     assert torch.equal(model.bridge.frame_encoder.frame_projection.weight,
                        state["bridge.frame_encoder.frame_projection.weight"])
     assert model.bridge.prefix_mlp[0].out_features == 40 == model.options["prefix_dim"]
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if k != "model_spec")
+
+
+def test_a_default_model_rebuilds_the_bridge_its_checkpoint_records(project, tmp_path, capsys):
+    """The state dict carries the bridge's options: Cell 7's default model rebuilds a bridge of another kind,
+    depth, query count and head count (which no weight's shape tells) and predicts as the trained model;
+    --resume refuses, in one line, a last.pt whose bridge is not the one its flags build."""
+    out = tmp_path / "bridge"
+    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"), "--bridge", "memory",
+                        "--num_heads", "2", "--num_queries", "12", "--memory_tokens", "3", "--bridge_layers", "2")
+    assert tsw.main(flags) == 0
+    state = torch.load(out / "best_model.pt")["model_state_dict"]
+    model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                            str(project / "t5-small"), device="cpu").eval()
+    model.load_state_dict(state)
+    assert type(model.bridge).__name__ == "MemoryBridge" and len(model.bridge.blocks) == 2
+    assert model.attention_bridge.num_heads == 2 and model.expander.shape[0] == 12
+    reference = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").eval()
+    assert model.options == reference.options
+    frames = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        assert torch.equal(model.t5_inputs(model.batch_from_features(frames))[0],
+                           reference.t5_inputs(reference.batch_from_features(frames))[0])
+    last = torch.load(out / "last.pt")
+    last["model_state_dict"]["model_spec"] = tsw.spec_tensor({**model.options, "num_heads": 4})
+    torch.save(last, out / "last.pt")
+    capsys.readouterr()
+    assert tsw.main([f if f != "1" else "2" for f in flags] + ["--resume"]) == 2
+    printed = capsys.readouterr().out
+    assert "its bridge is not the one this run's flags build" in printed and "Traceback" not in printed
 
 
 def test_frame_windows_follow_the_clip_and_ignore_padding():
