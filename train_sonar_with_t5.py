@@ -1699,8 +1699,8 @@ class SONARwithT5(nn.Module):
     def fit_decoder(self, spec, where=None, origin="this checkpoint"):
         """Rebuild the decoder a state dict was saved with, when it is not this one (Cell 7 builds a default
         t5-small model, then loads any best_model.pt): from its config when the checkpoint holds all its
-        weights, else the base model by name (or `where`), refused when its weights differ. The bridge is
-        rebuilt too when the width changes."""
+        weights, else the base model by name (or `where`), refused when its weights differ. (fit_bridge then
+        rebuilds the bridge at the decoder's width.)"""
         current = self.decoder
         if all(spec.get(key) == current.get(key) for key in ("config", "training", "target_lang", "lora", "fingerprint")):
             return
@@ -1708,15 +1708,11 @@ class SONARwithT5(nn.Module):
             t5, tokenizer, fingerprint = t5_from_config(spec["config"]), load_tokenizer(spec["name"], origin), None
         else:
             t5, tokenizer, fingerprint = base_decoder(spec, where, origin)
-        width, device = self.decoder_model.config.d_model, self.device   # (a rebuilt bridge starts on the CPU)
         lora_rank, lora_alpha = spec["lora"] or (0, 0)
         self.attach_decoder(t5, tokenizer, spec["name"], target_lang=spec["target_lang"],
                             freeze_t5=spec["training"] == "frozen", lora_rank=lora_rank, lora_alpha=lora_alpha,
                             fingerprint=fingerprint, gradient_checkpointing=self.gradient_checkpointing)
-        if self.decoder_model.config.d_model != width:
-            frame_encoder = self.bridge.frame_encoder
-            self.bridge = self.make_bridge(frame_encoder.frame_mean.shape[0] if frame_encoder else self.sonar_encoder.input_dim)
-        self.to(device)
+        self.to(self.device)                                   # (the bridge's device: the new decoder's is the CPU)
 
     def trained_state_dict(self):
         """What checkpoints hold (on CPU): everything but a frozen or LoRA-adapted decoder's base weights,
@@ -1778,15 +1774,14 @@ class SONARwithT5(nn.Module):
         return result._replace(missing_keys=missing)
 
     def fit_bridge(self, state_dict):
-        """The bridge (and frame path) a state dict was saved with, from the options it carries, when they
-        are not this model's. Saved before 2026-12-01: no `model_spec`; the frame path and the prefix width
-        are then read from the weights' shapes (fit_frame_path, fit_prefix), the other options taken as
-        this model's."""
+        """The bridge (and frame path) a state dict was saved with, from the options it carries, at the
+        decoder's width, when either is not this model's. Saved before 2026-12-01: no `model_spec`; the
+        frame path and the prefix width are then read from the weights' shapes (fit_frame_path, fit_prefix),
+        the other options taken as this model's."""
         spec = state_dict.get("model_spec")
-        if spec is None:
-            return
-        saved = {**self.options, **{k: v for k, v in spec_of(spec).items() if k in MODEL_DEFAULTS}}
-        if saved == self.options:
+        recorded = {} if spec is None else {k: v for k, v in spec_of(spec).items() if k in MODEL_DEFAULTS}
+        saved = {**self.options, **recorded}
+        if saved == self.options and self.expander.shape[1] == self.decoder_model.config.d_model:
             return
         self.options = saved
         frame_mean = state_dict.get("bridge.frame_encoder.frame_mean")
