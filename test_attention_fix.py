@@ -27,10 +27,10 @@ def parse_args(argv=None):
     p.add_argument("--t5_model", default=tsw.DEFAULT_T5, help="hub name or local folder")
     p.add_argument("--features", default="features/train", help="folder of clips to probe with (optional)")
     p.add_argument("--manifest", default="manifests/train.tsv", help="manifest of those clips (optional)")
-    p.add_argument("--bridge", choices=tsw.BRIDGE_KINDS, default=tsw.MODEL_DEFAULTS["bridge"], help="bridge")
-    p.add_argument("--num_queries", type=int, default=tsw.MODEL_DEFAULTS["num_queries"], help="queries")
+    p.add_argument("--bridge", choices=tsw.BRIDGE_KINDS, default=tsw.ModelConfig.bridge, help="bridge")
+    p.add_argument("--num_queries", type=int, default=tsw.ModelConfig.num_queries, help="queries")
     p.add_argument("--frame_attention", action=argparse.BooleanOptionalAction,
-                   default=tsw.MODEL_DEFAULTS["frame_attention"],
+                   default=tsw.ModelConfig.frame_attention,
                    help="the model reads the clip's frames (the default); --no-frame_attention: the embedding only")
     p.add_argument("--clips", type=int, default=8, help="clips to probe with")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
@@ -42,7 +42,7 @@ def probe_batch(args, model):
     manifest, features = Path(args.manifest), Path(args.features)
     if manifest.is_file() and features.is_dir():
         try:
-            dataset = tsw.How2SignDataset(manifest, features, feature_dim=model.sonar_encoder.input_dim)
+            dataset = tsw.How2SignDataset(manifest, features, feature_dim=model.config.frame_width)
             source = f"{min(args.clips, len(dataset))} clips from {manifest}"
             indices = range(min(args.clips, len(dataset)))
             dataset.tokenize(model.tokenizer, 64)
@@ -76,13 +76,13 @@ def run_checks(args):
     with torch.no_grad():
         embeddings = model.sentence_embedding(batch)
     frames = batch["features"].flatten(0, 1)     # padding included: a probe, not training statistics
-    model.fit_standardizer(embeddings, frames.mean(dim=0), frames.std(dim=0))
+    model.set_statistics(embeddings, frames.mean(dim=0), frames.std(dim=0))
     batch["sentence_embedding"] = embeddings.cpu()
     d_model = model.t5.config.d_model
 
     model.eval()
     with torch.no_grad():
-        tokens = model.bridge_batch(batch).float()
+        tokens = model.bridge_tokens(batch).float()
     check("bridge output shape", tuple(tokens.shape) == (len(batch["text"]), args.num_queries, d_model),
           f"{tuple(tokens.shape)}, expected (B, {args.num_queries}, {d_model})")
     across_clips, across_positions = tsw.bridge_spreads(tokens)   # the trainer's own diagnostics
@@ -93,7 +93,7 @@ def run_checks(args):
     loss, _ = model(batch)
     loss.backward()
     bridge_grads = [p.grad for n, p in model.named_parameters()
-                    if not n.startswith(("t5.", "sonar_encoder.")) and p.requires_grad]
+                    if not n.startswith(("decoder.", "sonar_encoder.")) and p.requires_grad]
     check("gradients reach the bridge", bool(bridge_grads) and all(
         g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in bridge_grads if g is not None)
         and model.expander.grad is not None and model.expander.grad.abs().sum() > 0)

@@ -1,34 +1,29 @@
-"""Translate sign-language video to English: a frozen SONAR-style sentence encoder, decoded by T5.
+"""Translate sign-language video to English: clip features -> a frozen sentence encoder and the frames ->
+a bridge -> any encoder-decoder model (T5 by default), trained from the command line or from Python.
 
-Ready-to-paste commands
------------------------
-Demo (offline, ~5 minutes on 2 CPU cores: generated How2Sign-shaped data, a tiny T5):
-    python train_sonar_with_t5.py --demo
+    python train_sonar_with_t5.py --demo                        # offline demo, generated data, tiny T5
+    python train_sonar_with_t5.py --check  <the training flags>  # every path and clip, before training
+    python train_sonar_with_t5.py <the guide's Cell 5 flags>     # train (add --resume after a disconnect)
+    python train_sonar_with_t5.py --predict --checkpoint OUT/best_model.pt --features FOLDER [--manifest M]
+    torchrun --standalone --nproc_per_node=N train_sonar_with_t5.py <the same flags>
 
-The guide's Colab Cell 5 (quick test) on your data, one GPU:
-    python train_sonar_with_t5.py \
-        --sonar_checkpoint checkpoints/sonar_encoder_finetuned/best_encoder.pt \
-        --train_features features/train --train_manifest manifests/train.tsv \
-        --val_features features/val --val_manifest manifests/val.tsv \
-        --output_dir checkpoints/sonar_t5_attention_test --t5_model t5-small \
-        --freeze_encoder --epochs 2 --batch_size 16 --learning_rate 5e-5 --warmup_steps 100 --device cuda
-
-Check every path and clip before training (the guide's Cell 3):   add --check
-One feature file per whole VIDEO (manifest ids shared by sentences): add --feature_fps FPS
-Resume after a Colab disconnect:                                   add --resume
-Several GPUs on one machine:     torchrun --standalone --nproc_per_node=4 train_sonar_with_t5.py <same flags>
-Translate new clips:             python train_sonar_with_t5.py --predict --checkpoint OUT/best_model.pt \
-                                     --features features/test [--manifest manifests/test.tsv]
-
-Other decoders: --t5_model takes any encoder-decoder model (google/flan-t5-base, facebook/bart-base,
-facebook/nllb-200-distilled-600M with --target_lang eng_Latn, ...); --freeze_t5 or --lora_rank R keep it
-frozen or adapt it (small checkpoints: the base model is named, not saved).
-
-Pipeline: clip features (T, D) -> mean over valid frames -> frozen encoder (projection, LayerNorm,
-L2) -> sentence embedding (1024) -> standardised -> bridge (`expander` queries, given per-clip
-content, read memory tokens and the frames through `attention_bridge`) -> T5's encoder (or another
-seq2seq model's) via `inputs_embeds`; the clip's frame tokens, through one self-attention layer, go
-beside the encoder's output into the decoder's cross-attention.
+Sections, in order:
+  1. Configuration   ModelConfig: everything that shapes the model, kept once, saved in its state dict.
+  2. Safe file I/O   weights-only loading, atomic writes, one-line errors for a full disk.
+  3. Manifests       TSV (id / duration / text), How2Sign's CSV, JSON, JSON Lines; video-level diagnosis, spans.
+  4. Frame store     every clip file read once, into a memory-mapped store on local disk.
+  5. Dataset         How2SignDataset (clips, texts, lengths, frame statistics) and its collates.
+  6. Encoder         SentenceEncoder: the users' fine-tuned mean-pool MLP (best_encoder.pt).
+  7. Bridge          the sentence embedding and the frames -> the decoder's input tokens and frame memory.
+  8. Decoder         DecoderAdapter: any seq2seq model (full, frozen or LoRA) behind one loss and one generate.
+  9. Model           SONARwithT5: encoder + bridge + decoder; rebuilt from a state dict's configuration.
+ 10. Checkpoints     what best_model.pt and last.pt hold, and reading them back.
+ 11. Decoding        one translation loop, metrics (BLEU-1..4, chrF, ROUGE-L), collapse diagnostics.
+ 12. Guide's API     evaluate_model, evaluate, train_epoch, collate_fn: the guide's and original module's calls.
+ 13. Training        processes, precision, batches, Trainer (set-up, epochs, evaluation, outputs).
+ 14. Tracking        --report_to tensorboard / mlflow / wandb.
+ 15. Modes           --check, --predict, --demo (its generated data).
+ 16. Command line    the flags, their validation, main().
 """
 
 from __future__ import annotations
@@ -37,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -70,60 +66,155 @@ from tqdm.auto import tqdm
 logger = logging.getLogger("train_sonar_with_t5")
 
 # ----------------------------------------------------------------------------------------------
-# Defaults (shared by the CLI and the Python API, so a default-built model matches a default run)
+# 1. Configuration
 
 DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
 FRAME_ROUTES = ("encoder", "cross_attention")
-FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)   # auto: default_frame_route(the decoder's config)
+FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)
 # Decoder families measured to learn better with frames beside the encoder output (bench/quality.py, README
 # "Quality by decoder"); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
-MODEL_DEFAULTS = dict(
-    bridge="prefix_memory",  # per-clip query content, refined by attention over memory tokens
-    num_queries=32,          # the guide's `expander` length
-    num_heads=8,
-    bridge_layers=1,
-    memory_tokens=8,
-    bridge_ff_dim=0,         # 0: 4 * d_model
-    bridge_dropout=0.1,
-    bridge_layernorm=True,   # LayerNorm on the bridge output (the guide's troubleshooting step 3)
-    standardize=True,        # per-dimension standardisation of the frozen embedding (and frames)
-    frame_attention=True,    # the clip's frames go to the decoder beside the bridge's tokens (and into the bridge)
-    frame_stride=2,          # one frame token every `frame_stride` frames ...
-    frame_kernel=4,          # ... made of this many consecutive frames (windows overlap when kernel > stride)
-    frame_route="auto",      # "cross_attention": frame tokens straight into the decoder's cross-attention
-                             # (FrameMemory); "encoder": read by its encoder after the bridge's tokens;
-                             # "auto": cross_attention for CROSS_ROUTE_FAMILIES, else encoder
-    frame_memory_layers=1,   # cross_attention route: self-attention layers over the frame tokens
-    frame_memory_ff_dim=0,   # their feed-forward width; 0: the bridge's (4 * d_model) / frame_memory_divisor
-    frame_memory_divisor=1,  # the layers run at d_model / this (projected down and back up); 1: at d_model
-    prefix_dim=0,            # hidden width of the prefix MLP; 0: the bridge's feed-forward width (4 * d_model)
-)
-ADAPTER_PREFIX_DIM = 256     # --prefix_dim's default for a frozen or LoRA decoder: small checkpoints
-# How the decoder trains, and its target language (SONARwithT5 keywords, flags of the same names).
-DECODER_DEFAULTS = dict(target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0, gradient_checkpointing=False)
-# What a checkpoint saved before a flag existed (or before its default changed) was trained with.
-PREVIOUS_DEFAULTS = dict(frame_attention=False, frame_stride=1, frame_kernel=1, frame_route="encoder",
-                         frame_memory_layers=0, frame_memory_ff_dim=0, frame_memory_divisor=1, freeze_t5=False, lora_rank=0, lora_alpha=0, target_lang=None)
-# Flags that change the model's shape or what its inputs mean: a resumed run must match them.
-ARCHITECTURE_FLAGS = ("t5_model", "freeze_encoder", "feature_fps", "freeze_t5", "lora_rank", "lora_alpha", "target_lang",
-                      *MODEL_DEFAULTS)
-DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
-DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
-                         no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
-DECODING_FLAGS = tuple(DECODING_DEFAULTS)
-FEATURE_SUFFIXES = (".npy", ".pt")
-CHECKPOINT_FORMAT = 2        # 1: bridge weights at the top level (before bridges became modules)
-ORIGINAL_PAD_FRAMES = 300    # the original collate padded (or cut) every clip to 300 frames
+ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a frozen or LoRA decoder: small checkpoints
+CHECKPOINT_FORMAT = 3        # state dicts carry their ModelConfig; earlier formats are refused
 
 
 class UserError(Exception):
     """A problem the user can fix (a path, a flag, a file): printed as one line, no traceback."""
 
 
+def flag(default, group, help, rule=None, choices=None):
+    """A ModelConfig field that the command-line flag of its name sets: its help, and the rule a value must
+    keep (validate_args' RULES)."""
+    return field(default=default, metadata={"group": group, "help": help, "rule": rule, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What shapes the model, as asked for: the flags of the same names (build_parser makes them from these
+    fields), or SONARwithT5's keywords. Values that follow from it (the frame route `auto` picks, the prefix
+    width, the target-language code) are derived, not stored. The state dict carries it (get_extra_state),
+    so --resume, --predict, from_checkpoint and the guide's Cell 7 rebuild exactly what was trained."""
+    encoder_dims: tuple | None = None     # the sentence encoder's layer sizes (from its checkpoint)
+    feature_dim: int | None = None        # the frames' width (None: the encoder's input width)
+    freeze_encoder: bool = flag(True, "bridge", "keep the sentence encoder frozen (--no-freeze_encoder trains it at "
+                                "--encoder_lr_scale)")
+    bridge: str = flag("prefix_memory", "bridge", "prefix_memory: per-query content refined by attention; memory: "
+                       "memory tokens + attention; prefix: MLP prefix, no attention; guide: the guide's single-key "
+                       "attention (collapses)", choices=BRIDGE_KINDS)
+    num_queries: int = flag(32, "bridge", "learnable query tokens (the guide's `expander` length) fed to the decoder", "at least 1")
+    num_heads: int = flag(8, "bridge", "attention heads (bridge and frame layers)", "at least 1")
+    bridge_layers: int = flag(1, "bridge", "bridge depth", "at least 1")
+    memory_tokens: int = flag(8, "bridge", "key/value tokens projected from the sentence embedding", "at least 1")
+    bridge_ff_dim: int = flag(0, "bridge", "feed-forward width of the bridge and frame layers (0: 4 x d_model)", "0 or more")
+    bridge_dropout: float = flag(0.1, "bridge", "bridge dropout", "in [0, 1)")
+    bridge_layernorm: bool = flag(True, "bridge", "LayerNorm on the bridge output, scaled to the decoder's embedding "
+                                  "scale (the guide's troubleshooting step 3)")
+    standardize: bool = flag(True, "bridge", "standardise the sentence embedding (and frames) with training-set "
+                             "mean/std: clips' embeddings share most of their direction (cosine ~0.99)")
+    prefix_dim: int | None = flag(None, "bridge", f"hidden width of the prefix MLP (default: the feed-forward width, "
+                                  f"or {ADAPTER_PREFIX_DIM} with --freeze_t5 / --lora_rank: small checkpoints)", "at least 1")
+    frame_attention: bool = flag(True, "frames", "the clip's frames (standardised, strided, with positions) go to the "
+                                 "decoder beside the bridge's tokens (--frame_route), and the bridge's queries attend "
+                                 "to them too (--no-frame_attention: the sentence embedding only)")
+    frame_stride: int = flag(2, "frames", "temporal striding: one frame token every this many frames", "at least 1")
+    frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
+    frame_route: str = flag("auto", "frames", "where the frame tokens go: 'cross_attention' (beside the encoder's "
+                            "output, straight into the decoder's cross-attention), 'encoder' (the decoder's encoder "
+                            "reads them after the bridge's tokens; slower), or 'auto': cross_attention for T5 and mT5 "
+                            "decoders, encoder for the others (BART, M2M100 / NLLB-200), as measured",
+                            choices=FRAME_ROUTE_CHOICES)
+    frame_memory_layers: int = flag(1, "frames", "route cross_attention: self-attention layers over the frame tokens", "0 or more")
+    t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
+                         "name or local folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
+                         "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
+    target_lang: str | None = flag(None, "decoder", "a multilingual decoder's target language code (NLLB eng_Latn, "
+                                   "mBART-50 en_XX, M2M100 en): labels and generation start with it; default English")
+    freeze_t5: bool = flag(False, "decoder", "keep the decoder's weights frozen: only the bridge (and frame path) "
+                           "train; checkpoints hold those plus the base model's name and fingerprint, not its weights")
+    lora_rank: int = flag(0, "decoder", "train LoRA adapters of this rank on the decoder's attention (needs peft), "
+                          "the base frozen", "0 or more")
+    lora_alpha: int = flag(0, "decoder", "LoRA scaling alpha (0: 2 x --lora_rank)", "0 or more")
+    gradient_checkpointing: bool = flag(False, "decoder", "recompute the decoder's activations in the backward pass: "
+                                        "less memory, ~30%% slower")
+    decoder_config: dict | None = None    # the decoder's own config (filled in when the model is built)
+    decoder_fingerprint: str | None = None  # a frozen or LoRA decoder's base weights (checkpoints omit them)
+
+    FLAGS = ()   # (set below: the fields that have a flag)
+
+    def __post_init__(self):
+        if self.bridge not in BRIDGE_KINDS:
+            raise UserError(f"unknown bridge '{self.bridge}' (choose from {BRIDGE_KINDS})")
+        if self.frame_route not in FRAME_ROUTE_CHOICES:
+            raise UserError(f"unknown frame route '{self.frame_route}' (choose from {FRAME_ROUTE_CHOICES})")
+        if self.encoder_dims is not None:
+            object.__setattr__(self, "encoder_dims", tuple(self.encoder_dims))
+
+    @classmethod
+    def from_args(cls, args, **facts):
+        return cls(**{name: getattr(args, name) for name in cls.FLAGS}, **facts)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def decoder_training(self):
+        return "lora" if self.lora_rank else "frozen" if self.freeze_t5 else "full"
+
+    @property
+    def family(self):
+        return (self.decoder_config or {}).get("model_type", "t5")
+
+    @property
+    def d_model(self):
+        return self.decoder_config["d_model"]
+
+    @property
+    def route(self):
+        """Where the frame tokens go (None without frames): `auto` is cross_attention for CROSS_ROUTE_FAMILIES."""
+        if not self.frame_attention:
+            return None
+        if self.frame_route == "auto":
+            return "cross_attention" if self.family in CROSS_ROUTE_FAMILIES else "encoder"
+        return self.frame_route
+
+    @property
+    def ff_width(self):
+        return self.bridge_ff_dim or 4 * self.d_model
+
+    @property
+    def prefix_width(self):
+        """--prefix_dim, else ADAPTER_PREFIX_DIM beside a frozen or LoRA decoder, else the feed-forward width."""
+        return self.prefix_dim or (ADAPTER_PREFIX_DIM if self.decoder_training != "full" else self.ff_width)
+
+    @property
+    def frame_width(self):
+        return self.feature_dim or self.encoder_dims[0]
+
+    def same_decoder(self, other):
+        """Whether `other` holds the same decoder (its folder's name aside: it differs between machines)."""
+        keys = ("decoder_config", "decoder_training", "target_lang", "lora_rank", "lora_alpha", "decoder_fingerprint")
+        return all(getattr(self, key) == getattr(other, key) for key in keys)
+
+
+ModelConfig.FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata)
+DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
+DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
+                         no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
+FEATURE_SUFFIXES = (".npy", ".pt")
+ORIGINAL_PAD_FRAMES = 300    # the original collate padded (or cut) every clip to 300 frames
+
+
 # ----------------------------------------------------------------------------------------------
-# Safe file I/O: weights-only loading, atomic writes
+# 2. Safe file I/O: weights-only loading, atomic writes
 
 
 def first_line(error):
@@ -152,6 +243,10 @@ def safe_torch_load(path, what="checkpoint"):
                         f"({first_line(error)})") from None
 
 
+def is_disk_full(error):
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Write to a temporary file beside `path`, fsync, then rename: a kill never leaves half a file.
 
@@ -173,7 +268,7 @@ def atomic_write(path, write_fn, mode="wb"):
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             raise UserError(f"disk full while writing {path}: free some space (or choose another "
                             "--output_dir) and rerun with --resume; files already written are intact") from None
         raise
@@ -240,7 +335,7 @@ def valid_length(features):
 
 
 # ----------------------------------------------------------------------------------------------
-# Manifests: TSV (id / duration / text), official How2Sign CSV, JSON, JSON Lines
+# 3. Manifests: TSV (id / duration / text), official How2Sign CSV, JSON, JSON Lines
 
 
 @dataclass
@@ -447,8 +542,8 @@ def assign_spans(rows, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset: every feature file read once; each clip (or each sentence's span of a video) keeps its
-# mean frame, its length and, within the frame-cache budget, its frames
+# 4. Frame store: every feature file read once; each clip (or each sentence's span of a video) keeps its
+# mean frame, its length and its frames (in the store, or within the frame-cache budget in memory)
 
 
 def feature_files(features_dir):
@@ -631,9 +726,7 @@ class FrameStoreBuilder:
             try:
                 self.handle.write(data)
             except OSError as error:
-                if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise self.disk_full() from None
-                raise
+                raise (self.disk_full() if is_disk_full(error) else error) from None
             self.rows.append((self.written // 2, frames.shape[0], first, frames.shape[1], mean, square_mean))
             self.written += len(data)
             return len(self.rows) - 1
@@ -661,9 +754,7 @@ class FrameStoreBuilder:
             os.replace(self.tmp, self.folder)
         except OSError as error:
             self.abandon()
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self.disk_full() from None
-            raise
+            raise (self.disk_full() if is_disk_full(error) else error) from None
         return FrameStore(self.folder)
 
     def abandon(self):
@@ -760,6 +851,10 @@ def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):
         scans.append(ClipScan(mean, first, stop - first, features.shape[1], square_mean,
                               keep(features[first:stop], mean, first, square_mean) if keep else None))
     return scans
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Dataset
 
 
 class How2SignDataset(Dataset):
@@ -960,16 +1055,6 @@ def collate_clips(items):
     return batch
 
 
-def collate_fn(items):
-    """The original module's collate: {"video_ids", "features" (B, 300, D) zero-padded or cut, "texts"}.
-    Needs items with frames (How2SignDataset(features_dir, manifest) or return_frames=True)."""
-    if "features" not in items[0]:
-        raise UserError("collate_fn needs each clip's frames: build the dataset with return_frames=True")
-    frames = [item["features"][: int(item["length"])][:ORIGINAL_PAD_FRAMES] for item in items]
-    return {"video_ids": [item["id"] for item in items], "texts": [item["text"] for item in items],
-            "features": torch.stack([F.pad(f, (0, 0, 0, ORIGINAL_PAD_FRAMES - f.shape[0])) for f in frames])}
-
-
 def skip_summary(dataset):
     """One console line per split: how many rows/clips were skipped, why, and the first ids."""
     if not dataset.skipped:
@@ -980,10 +1065,10 @@ def skip_summary(dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# The frozen sentence encoder (the users' fine-tuned `best_encoder.pt`)
+# 6. Encoder: the users' fine-tuned sentence encoder (`best_encoder.pt`)
 
 
-class SonarEncoder(nn.Module):
+class SentenceEncoder(nn.Module):
     """mean over valid frames -> projection MLP -> LayerNorm -> L2-normalise."""
 
     def __init__(self, dims=(256, 512, 512, 1024), dropout=0.1):
@@ -1042,7 +1127,7 @@ def encoder_state_from_checkpoint(obj, path):
 
 def load_sonar_encoder(path, dropout=0.1):
     state, dims = encoder_state_from_checkpoint(safe_torch_load(path, "encoder checkpoint"), path)
-    encoder = SonarEncoder(dims, dropout)
+    encoder = SentenceEncoder(dims, dropout)
     expected = set(encoder.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -1056,7 +1141,7 @@ def load_sonar_encoder(path, dropout=0.1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Bridges: the standardised sentence embedding (and, optionally, the frames) -> T5 input embeddings.
+# 7. Bridge: the standardised sentence embedding (and the frames) -> the decoder's input embeddings.
 # Every kind keeps the guide's `expander` (the learnable queries); kinds with attention expose the
 # guide's `attention_bridge` (their first nn.MultiheadAttention).
 
@@ -1107,7 +1192,6 @@ class FrameEncoder(nn.Module):
     def __init__(self, frame_dim, d_model, stride=1, kernel=None):
         super().__init__()
         self.stride, self.kernel = stride, kernel or stride
-        self.register_buffer("window", torch.tensor([self.stride, self.kernel]))   # saved: a state dict says its shape
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
@@ -1129,37 +1213,24 @@ class FrameEncoder(nn.Module):
 
 
 class FrameMemory(nn.Module):
-    """--frame_route cross_attention: the frame tokens as memory of their own for the decoder's
+    """The frame route `cross_attention`: the frame tokens as memory of their own for the decoder's
     cross-attention, beside what its encoder makes of the bridge's tokens. The decoder's encoder then
     reads 32 tokens, not 32 + T: a frame token costs each decoder layer a key and a value instead of a
-    pass through every encoder layer. `layers` pre-norm self-attention layers give the frame tokens
-    context first (feed-forward width: --frame_memory_ff_dim, or the bridge's); with
-    --frame_memory_divisor N > 1 they run at d_model / N, between a projection down and one back up whose
-    output is added to the tokens (N² times less work per token in the layers). `scale` starts at the
-    RMS of the decoder encoder's own output."""
+    pass through every encoder layer. --frame_memory_layers pre-norm self-attention layers give the frame
+    tokens context first. `scale` starts at the RMS of the decoder encoder's own output."""
 
-    def __init__(self, d_model, options, bridge_ff_dim, scale):
+    def __init__(self, config, scale):
         super().__init__()
-        divisor, heads = options["frame_memory_divisor"], options["num_heads"]
-        width = d_model // divisor
-        if d_model % divisor or width % heads:
-            raise UserError(f"--frame_memory_divisor {divisor}: the frame layers' width d_model / {divisor} must be "
-                            f"a whole number divisible by --num_heads {heads} (d_model is {d_model})")
-        ff_dim = options["frame_memory_ff_dim"] or bridge_ff_dim // divisor
-        projected = divisor > 1 and options["frame_memory_layers"] > 0
-        self.down, self.up = (nn.Linear(d_model, width), nn.Linear(width, d_model)) if projected else (None, None)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, ff_dim, options["bridge_dropout"],
+            nn.TransformerEncoderLayer(config.d_model, config.num_heads, config.ff_width, config.bridge_dropout,
                                        activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(options["frame_memory_layers"]))
-        self.norm = nn.LayerNorm(d_model)
+            for _ in range(config.frame_memory_layers))
+        self.norm = nn.LayerNorm(config.d_model)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     def forward(self, tokens, padding):      # (B, T, d), (B, T) -> (B, T, d), attention mask (B, T)
-        context = tokens if self.down is None else self.down(tokens)
         for layer in self.layers:
-            context = layer(context, src_key_padding_mask=padding)
-        tokens = context if self.up is None else tokens + self.up(context)
+            tokens = layer(tokens, src_key_padding_mask=padding)
         return self.norm(tokens) * self.scale, (~padding).long()
 
 
@@ -1168,30 +1239,29 @@ class Bridge(nn.Module):
 
     uses_attention = True
 
-    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
+    def __init__(self, config, embed_dim, output_scale):
         super().__init__()
-        self.standardize = options["standardize"]
+        d_model = config.d_model
+        self.standardize = config.standardize
         self.register_buffer("embedding_mean", torch.zeros(embed_dim))
         self.register_buffer("embedding_std", torch.ones(embed_dim))
-        self.expander = nn.Parameter(torch.randn(options["num_queries"], d_model))   # the learnable queries
-        self.ff_dim = options["bridge_ff_dim"] or 4 * d_model
-        self.frame_encoder = (FrameEncoder(frame_dim, d_model, options["frame_stride"], options["frame_kernel"])
-                              if options["frame_attention"] else None)
-        self.frame_memory = None             # FrameMemory with --frame_route cross_attention (SONARwithT5.make_bridge)
-        self.output_norm = nn.LayerNorm(d_model) if options["bridge_layernorm"] else nn.Identity()
+        self.expander = nn.Parameter(torch.randn(config.num_queries, d_model))   # the learnable queries
+        self.frame_encoder = (FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel)
+                              if config.frame_attention else None)
+        self.frame_memory = None             # FrameMemory on the cross_attention route (make_bridge)
+        self.output_norm = nn.LayerNorm(d_model) if config.bridge_layernorm else nn.Identity()
         # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
         # drowned by its layers' outputs, so the output scale starts at T5's own embedding scale.
-        self.output_scale = nn.Parameter(torch.tensor(output_scale if options["bridge_layernorm"] else 1.0))
+        self.output_scale = nn.Parameter(torch.tensor(output_scale if config.bridge_layernorm else 1.0))
 
-    def make_blocks(self, d_model, options, guide=False):
-        return nn.ModuleList(BridgeBlock(d_model, options["num_heads"], self.ff_dim, options["bridge_dropout"],
-                                         guide=guide) for _ in range(options["bridge_layers"]))
+    def make_blocks(self, config, guide=False):
+        return nn.ModuleList(BridgeBlock(config.d_model, config.num_heads, config.ff_width, config.bridge_dropout,
+                                         guide=guide) for _ in range(config.bridge_layers))
 
-    def make_prefix_mlp(self, embed_dim, options):
+    def make_prefix_mlp(self, config, embed_dim):
         """embedding (E) -> one token of content per query (Q x d_model)."""
-        hidden = options["prefix_dim"] or self.ff_dim
-        return nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Dropout(options["bridge_dropout"]),
-                             nn.Linear(hidden, self.expander.numel()))
+        return nn.Sequential(nn.Linear(embed_dim, config.prefix_width), nn.GELU(), nn.Dropout(config.bridge_dropout),
+                             nn.Linear(config.prefix_width, self.expander.numel()))
 
     def prefix_queries(self, embedding):                                           # (B, E) -> (B, Q, d)
         return self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
@@ -1207,7 +1277,7 @@ class Bridge(nn.Module):
         return self.memory_projection if hasattr(self, "memory_projection") else self.prefix_mlp[0]
 
     @torch.no_grad()
-    def fit_standardizer(self, embeddings, frame_mean=None, frame_std=None):
+    def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
         """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints)."""
         embeddings = embeddings.float().to(self.embedding_mean.device)
         self.embedding_mean.copy_(embeddings.mean(dim=0))
@@ -1240,13 +1310,12 @@ class Bridge(nn.Module):
 class MemoryBridge(Bridge):
     """`expander` queries attend to `memory_tokens` tokens projected from the embedding."""
 
-    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
-        super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
-        memory_tokens = options["memory_tokens"]
-        self.memory_projection = nn.Linear(embed_dim, memory_tokens * d_model)
-        self.memory_positions = nn.Parameter(torch.randn(memory_tokens, d_model) * 0.02)
-        self.memory_norm = nn.LayerNorm(d_model)
-        self.blocks = self.make_blocks(d_model, options)
+    def __init__(self, config, embed_dim, output_scale):
+        super().__init__(config, embed_dim, output_scale)
+        self.memory_projection = nn.Linear(embed_dim, config.memory_tokens * config.d_model)
+        self.memory_positions = nn.Parameter(torch.randn(config.memory_tokens, config.d_model) * 0.02)
+        self.memory_norm = nn.LayerNorm(config.d_model)
+        self.blocks = self.make_blocks(config)
 
     def memory(self, embedding):                                                    # (B, E) -> (B, M, d)
         memory = self.memory_projection(embedding).view(len(embedding), -1, self.expander.shape[1])
@@ -1261,9 +1330,9 @@ class PrefixMemoryBridge(MemoryBridge):
     """The default. Each query gets its own content from the embedding (a prefix MLP, as --bridge
     prefix), then refines it by attending to the memory tokens (and frames) through the blocks."""
 
-    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
-        super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
-        self.prefix_mlp = self.make_prefix_mlp(embed_dim, options)
+    def __init__(self, config, embed_dim, output_scale):
+        super().__init__(config, embed_dim, output_scale)
+        self.prefix_mlp = self.make_prefix_mlp(config, embed_dim)
 
     def tokens(self, embedding, frame_tokens, frame_padding):
         return self.attend(self.prefix_queries(embedding), self.memory(embedding), frame_tokens, frame_padding)
@@ -1274,9 +1343,9 @@ class PrefixBridge(Bridge):
 
     uses_attention = False
 
-    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
-        super().__init__(embed_dim, d_model, options, frame_dim, output_scale)
-        self.prefix_mlp = self.make_prefix_mlp(embed_dim, options)
+    def __init__(self, config, embed_dim, output_scale):
+        super().__init__(config, embed_dim, output_scale)
+        self.prefix_mlp = self.make_prefix_mlp(config, embed_dim)
 
     def tokens(self, embedding, frame_tokens, frame_padding):
         return self.prefix_queries(embedding)
@@ -1286,10 +1355,11 @@ class GuideBridge(Bridge):
     """The guide's bridge: `expander` queries attend to ONE projected token. With one key, softmax
     gives every query weight 1, so all query positions carry the same vector. Not standardised."""
 
-    def __init__(self, embed_dim, d_model, options, frame_dim, output_scale):
-        super().__init__(embed_dim, d_model, {**options, "standardize": False}, frame_dim, output_scale)
-        self.memory_projection = nn.Linear(embed_dim, d_model)                     # one key/value token
-        self.blocks = self.make_blocks(d_model, options, guide=True)
+    def __init__(self, config, embed_dim, output_scale):
+        super().__init__(config, embed_dim, output_scale)
+        self.standardize = False
+        self.memory_projection = nn.Linear(embed_dim, config.d_model)               # one key/value token
+        self.blocks = self.make_blocks(config, guide=True)
 
     def tokens(self, embedding, frame_tokens, frame_padding):
         queries = self.expander.expand(len(embedding), -1, -1)
@@ -1300,14 +1370,22 @@ BRIDGES = {"prefix_memory": PrefixMemoryBridge, "memory": MemoryBridge, "prefix"
            "guide": GuideBridge}
 
 
+def make_bridge(config, embed_dim, decoder):
+    """The bridge `config` describes, its output at the decoder's embedding scale; on the cross_attention
+    route with a frame memory at the scale of the decoder encoder's output."""
+    bridge = BRIDGES[config.bridge](config, embed_dim, embedding_scale(decoder.seq2seq))
+    if config.route == "cross_attention":
+        bridge.frame_memory = FrameMemory(config, encoder_output_scale(decoder.seq2seq))
+    return bridge
+
+
 # ----------------------------------------------------------------------------------------------
-# The decoder (--t5_model, name kept from the guide): any encoder-decoder AutoModelForSeq2SeqLM loads
-# (t5, T5 v1.1, flan-t5, mT5, BART, mBART-50, M2M100, NLLB-200). T5 v1.1 / flan-t5 / mT5 have an
-# output head (lm_head) of their own; t5-small ties it to the input embedding and scales the decoder
-# output. transformers 5.x always builds the two tied from a config and records the difference in
-# `scale_decoder_outputs`; 4.x reads `tie_word_embeddings`. The helpers below keep an untied model
-# untied under both. Multilingual models (NLLB, mBART-50, M2M100) start every target sentence with
-# a language code (--target_lang).
+# 8. Decoder (--t5_model, the guide's name): any encoder-decoder AutoModelForSeq2SeqLM loads (t5, T5 v1.1,
+# flan-t5, mT5, BART, mBART-50, M2M100, NLLB-200). T5 v1.1 / flan-t5 / mT5 have an output head (lm_head)
+# of their own; t5-small ties it to the input embedding and scales the decoder output. transformers 5.x
+# always builds the two tied from a config and records the difference in `scale_decoder_outputs`; 4.x
+# reads `tie_word_embeddings`. The helpers below keep an untied model untied under both. Multilingual
+# models (NLLB, mBART-50, M2M100) start every target sentence with a language code (--target_lang).
 
 T5_FAMILY = ("t5", "mt5")    # an output head of their own where the config says untied (T5 v1.1, flan-t5, mT5)
 LANGUAGE_CODE = re.compile(r"^(?:[a-z]{3}_[A-Z][a-z]{3}|[a-z]{2}_[A-Z]{2}|__[a-z]{2,3}__)$")  # eng_Latn en_XX __en__
@@ -1320,7 +1398,7 @@ def unloadable_decoder(name_or_path, error):
                      "(offline? pass a local folder saved with save_pretrained)")
 
 
-def decoder_config(name_or_path):
+def read_decoder_config(name_or_path):
     """The decoder's config (no weights read); anything that is not an encoder-decoder is refused in one line."""
     from transformers import AutoConfig
 
@@ -1334,25 +1412,34 @@ def decoder_config(name_or_path):
     return config
 
 
-def load_t5(name_or_path):
+def load_decoder(name_or_path):
     """Model and tokenizer from a hub name (t5-small, facebook/nllb-200-distilled-600M, ...) or a local
     folder. Anything that is not an encoder-decoder, or whose files lack weights, is refused in one line."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    decoder_config(name_or_path)
+    read_decoder_config(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        t5, info = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, output_loading_info=True)
+        model, info = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise unloadable_decoder(name_or_path, error) from None
     missing = sorted(key for key in info.get("missing_keys", ()) if not TIED_WEIGHT.search(key))
-    if len(missing) > len(t5.state_dict()) // 2:
+    if len(missing) > len(model.state_dict()) // 2:
         raise UserError(f"decoder '{name_or_path}': {len(missing)} of its weights are not in its files (e.g. "
                         f"{missing[0]}) and would start random: its config and weights do not belong together")
     if missing:
         logger.warning(f"decoder '{name_or_path}': {len(missing)} weights not in its files start random: "
                        + ", ".join(missing[:5]))
-    return t5, tokenizer
+    return model, tokenizer
+
+
+def load_tokenizer(name, origin):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{origin}: cannot load the tokenizer of decoder '{name}' ({first_line(error)}); "
+                        "offline? keep its t5_export/ folder beside the checkpoint") from None
 
 
 def uses_t5_loss(config):
@@ -1365,9 +1452,14 @@ def config_is_untied(config_dict):
     return config_dict.get("tie_word_embeddings") is False or config_dict.get("scale_decoder_outputs") is False
 
 
-def is_untied(t5):
-    t5 = unwrapped(t5)
-    return t5.get_output_embeddings().weight is not t5.get_input_embeddings().weight
+def unwrapped(model):
+    """The transformers model inside a PEFT wrapper (LoRA layers stay in it), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_untied(model):
+    model = unwrapped(model)
+    return model.get_output_embeddings().weight is not model.get_input_embeddings().weight
 
 
 def scales_decoder_output(config):
@@ -1375,15 +1467,17 @@ def scales_decoder_output(config):
     return bool(getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)))
 
 
-def portable_t5_config(t5):
-    """The model's config as a dict that 4.x and 5.x both read the same way (an untied T5 stays untied)."""
-    config = json.loads(t5.config.to_json_string())
-    if config.get("model_type", "t5") in T5_FAMILY and is_untied(t5):
+def portable_config(model):
+    """The model's config as a dict that 4.x and 5.x both read the same way (an untied T5 stays untied),
+    without what says how or where it was saved."""
+    config = json.loads(unwrapped(model).config.to_json_string())
+    if config.get("model_type", "t5") in T5_FAMILY and is_untied(model):
         config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
-    return config
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in (
+        "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache")}
 
 
-def t5_from_config(config_dict, untied=None):
+def decoder_from_config(config_dict, untied=None):
     """A model built from a saved config (any family; T5 by default), with a separate output head when
     the model had one."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
@@ -1393,13 +1487,13 @@ def t5_from_config(config_dict, untied=None):
     config = {k: v for k, v in config_dict.items() if k not in ("scale_decoder_outputs", "model_type")}
     if model_type in T5_FAMILY or untied:
         config["tie_word_embeddings"] = not untied
-    t5 = AutoModelForSeq2SeqLM.from_config(type(AutoConfig.for_model(model_type)).from_dict(config))
-    if untied and not is_untied(t5):   # 5.x ties whatever the config says
-        t5.lm_head.weight = nn.Parameter(t5.get_input_embeddings().weight.detach().clone())
-    return t5
+    model = AutoModelForSeq2SeqLM.from_config(type(AutoConfig.for_model(model_type)).from_dict(config))
+    if untied and not is_untied(model):   # 5.x ties whatever the config says
+        model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    return model
 
 
-def save_t5_export(t5, tokenizer, folder, weights):
+def save_export(model, tokenizer, folder, weights):
     """Tokenizer + config (+ weights) loadable with from_pretrained under 4.x and 5.x. A model with LoRA
     adapters is written merged (plain weights, no PEFT needed to load it)."""
     tokenizer.save_pretrained(folder)
@@ -1410,58 +1504,87 @@ def save_t5_export(t5, tokenizer, folder, weights):
     if isinstance(tokenizer_config.get("extra_special_tokens"), list):  # 5.x's list (language codes); 4.x reads
         tokenizer_config["additional_special_tokens"] = tokenizer_config.pop("extra_special_tokens")  # this name
     atomic_write_text(settings, json.dumps(tokenizer_config, indent=2) + "\n")
-    if weights and hasattr(t5, "merge_and_unload"):
-        t5 = copy.deepcopy(t5).merge_and_unload()
-    t5 = unwrapped(t5)
-    (t5.save_pretrained if weights else t5.config.save_pretrained)(folder)
-    atomic_write_text(Path(folder) / "config.json", json.dumps(portable_t5_config(t5), indent=2) + "\n")
+    if weights and hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    model = unwrapped(model)
+    (model.save_pretrained if weights else model.config.save_pretrained)(folder)
+    config = json.loads(model.config.to_json_string())
+    atomic_write_text(Path(folder) / "config.json", json.dumps({**config, **portable_config(model)}, indent=2) + "\n")
 
 
-def unwrapped(t5):
-    """The transformers model inside a PEFT wrapper (LoRA layers stay in it), or the model itself."""
-    return t5.get_base_model() if hasattr(t5, "get_base_model") else t5
+def language_codes(tokenizer):
+    """The target-language codes a multilingual tokenizer knows: {code: token id} (NLLB's eng_Latn,
+    mBART-50's en_XX, M2M100's __en__ as en); empty for a monolingual one."""
+    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return {(token[2:-2] if token.startswith("__") else token): tokenizer.convert_tokens_to_ids(token)
+            for token in tokens if LANGUAGE_CODE.match(token)}
 
 
-def embedding_scale(t5):
-    """RMS of what the model's encoder receives for its own tokens: the scale its pretrained layers
-    expect. T5: its embedding rows. BART, mBART, M2M100/NLLB: the rows x sqrt(d_model) (a scaled
-    embedding in transformers 5.x; an `embed_scale` applied by the encoder in older versions)."""
-    encoder = t5.get_encoder()
-    embed = getattr(encoder, "embed_tokens", None) or t5.get_input_embeddings()
-    if type(embed) is nn.Embedding:
-        return float(embed.weight.detach().float().pow(2).mean().sqrt()) * float(getattr(encoder, "embed_scale", 1.0) or 1.0)
-    count = embed.weight.shape[0]
-    ids = torch.linspace(0, count - 1, min(count, 4096), device=embed.weight.device).long()
-    with torch.no_grad():
-        return float(embed(ids).float().pow(2).mean().sqrt())
+def target_language(tokenizer, requested, name):
+    """(code, token id) of the target language: --target_lang, else English where the model has codes;
+    None for models without language codes (T5, BART, mT5)."""
+    codes = language_codes(tokenizer)
+    if requested is None:
+        return next(((code, codes[code]) for code in ENGLISH_CODES if code in codes), None)
+    if not codes:
+        raise UserError(f"--target_lang {requested}: decoder '{name}' has no language codes (not a multilingual "
+                        "model such as NLLB or mBART-50): leave --target_lang out")
+    if requested not in codes:
+        raise UserError(f"--target_lang {requested} is not a language code of '{name}'; its codes: "
+                        + ", ".join(sorted(codes)))
+    return requested, codes[requested]
 
 
-def encoder_output_scale(t5):
-    """RMS of the model's encoder output for a sequence of its own tokens (spread over the vocabulary,
-    dropout off): the scale its decoder's cross-attention reads."""
-    encoder, embedding = t5.get_encoder(), t5.get_input_embeddings().weight
-    ids = torch.linspace(0, embedding.shape[0] - 1, 64, device=embedding.device).long()[None]
-    training = encoder.training
-    with torch.no_grad():
-        output = encoder.eval()(input_ids=ids)[0]
-    encoder.train(training)
-    return float(output.float().pow(2).mean().sqrt())
+def weights_fingerprint(model):
+    """sha256 over the model's weights (each parameter's shape, dtype and bytes; tied ones once; names left
+    out, so transformers 4.x and 5.x agree): tells a frozen base model from another."""
+    digests = []
+    for parameter in unwrapped(model).parameters():
+        tensor = parameter.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digests.append(digest.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
-def default_frame_route(config):
-    """--frame_route auto: the route the decoder's family learned better with on bench/quality.py."""
-    return "cross_attention" if config.model_type in CROSS_ROUTE_FAMILIES else "encoder"
+def enable_checkpointing(model):
+    """Activation (gradient) checkpointing: 5.x's name, else 4.x's; non-reentrant, so gradients reach
+    the bridge through a frozen decoder."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def frame_route_advice(model):
-    """One line of advice when the model's decoder is of a family that learned far worse with its frame
-    route on bench/quality.py (README, "Quality by decoder"); else None."""
-    family = model.decoder_model.config.model_type
-    if model.bridge.frame_memory is not None and default_frame_route(model.decoder_model.config) == "encoder":
-        return (f"frames beside a '{family}' decoder's encoder output (--frame_route cross_attention) learned far "
-                "worse than --frame_route encoder with BART and M2M100 / NLLB-200 decoders on bench/quality.py "
-                "(README 'Quality by decoder'); the default (auto) uses encoder for them")
-    return None
+def with_lora(model, rank, alpha):
+    """LoRA adapters on the query and value projections of every attention layer (the usual choice; PEFT's
+    own default where the model names them otherwise); the base frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora_rank needs the peft package: pip install peft") from None
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = next((pair for pair in (["q_proj", "v_proj"], ["q", "v"]) if set(pair) <= names), None)  # BART/NLLB, T5
+    lora = LoraConfig(task_type="SEQ_2_SEQ_LM", r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05,
+                      target_modules=targets)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise UserError(f"--lora_rank: PEFT has no LoRA target modules for a {model.config.model_type} model "
+                        f"({first_line(error)})") from None
+
+
+def decoder_for(config, where=None, tokenizer_from=None, origin="this checkpoint"):
+    """(model, tokenizer) of the decoder a saved configuration describes: built from its config when the
+    checkpoint holds all its weights, else its base model loaded by name (or from `where`; SONARwithT5
+    checks it by fingerprint). The tokenizer from `tokenizer_from` (a t5_export/ folder), else by name."""
+    if config.decoder_training == "full":
+        model, tokenizer = decoder_from_config(config.decoder_config), None
+    else:
+        model, tokenizer = load_decoder(str(where or config.t5_model))
+    if tokenizer_from is not None or tokenizer is None:
+        tokenizer = load_tokenizer(tokenizer_from or config.t5_model, origin)
+    return model, tokenizer
 
 
 @functools.lru_cache(maxsize=None)
@@ -1493,489 +1616,95 @@ def encoder_output(memory):
     return BaseModelOutput(last_hidden_state=memory)
 
 
-def language_codes(tokenizer):
-    """The target-language codes a multilingual tokenizer knows: {code: token id} (NLLB's eng_Latn,
-    mBART-50's en_XX, M2M100's __en__ as en); empty for a monolingual one."""
-    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
-    return {(token[2:-2] if token.startswith("__") else token): tokenizer.convert_tokens_to_ids(token)
-            for token in tokens if LANGUAGE_CODE.match(token)}
+def embedding_scale(model):
+    """RMS of what the model's encoder receives for its own tokens: the scale its pretrained layers
+    expect. T5: its embedding rows. BART, mBART, M2M100/NLLB: the rows x sqrt(d_model) (a scaled
+    embedding in transformers 5.x; an `embed_scale` applied by the encoder in older versions)."""
+    encoder = model.get_encoder()
+    embed = getattr(encoder, "embed_tokens", None) or model.get_input_embeddings()
+    if type(embed) is nn.Embedding:
+        scale = float(getattr(encoder, "embed_scale", 1.0) or 1.0)
+        return float(embed.weight.detach().float().pow(2).mean().sqrt()) * scale
+    count = embed.weight.shape[0]
+    ids = torch.linspace(0, count - 1, min(count, 4096), device=embed.weight.device).long()
+    with torch.no_grad():
+        return float(embed(ids).float().pow(2).mean().sqrt())
 
 
-def target_language(tokenizer, requested, name):
-    """(code, token id) of the target language: --target_lang, else English where the model has codes;
-    None for models without language codes (T5, BART, mT5)."""
-    codes = language_codes(tokenizer)
-    if requested is None:
-        return next(((code, codes[code]) for code in ENGLISH_CODES if code in codes), None)
-    if not codes:
-        raise UserError(f"--target_lang {requested}: decoder '{name}' has no language codes (not a multilingual "
-                        "model such as NLLB or mBART-50): leave --target_lang out")
-    if requested not in codes:
-        raise UserError(f"--target_lang {requested} is not a language code of '{name}'; its codes: "
-                        + ", ".join(sorted(codes)))
-    return requested, codes[requested]
+def encoder_output_scale(model):
+    """RMS of the model's encoder output for a sequence of its own tokens (spread over the vocabulary,
+    dropout off): the scale its decoder's cross-attention reads."""
+    encoder, embedding = model.get_encoder(), model.get_input_embeddings().weight
+    ids = torch.linspace(0, embedding.shape[0] - 1, 64, device=embedding.device).long()[None]
+    training = encoder.training
+    with torch.no_grad():
+        output = encoder.eval()(input_ids=ids)[0]
+    encoder.train(training)
+    return float(output.float().pow(2).mean().sqrt())
 
 
-def weights_fingerprint(t5):
-    """sha256 over the model's weights (each parameter's shape, dtype and bytes; tied ones once; names left
-    out, so transformers 4.x and 5.x agree): tells a frozen base model from another."""
-    digests = []
-    for parameter in unwrapped(t5).parameters():
-        tensor = parameter.detach().cpu().contiguous()
-        digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        digests.append(digest.hexdigest())
-    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
+class DecoderAdapter(nn.Module):
+    """One decoder behind one interface, whatever its family and however it trains (in full, frozen, or
+    through LoRA adapters): its encoder reads the bridge's tokens (`inputs_embeds`); its decoder reads
+    that encoder's output and the frame memory (`memory`) for a loss or for sentences."""
 
-
-def enable_checkpointing(t5):
-    """Activation (gradient) checkpointing: 5.x's name, else 4.x's; non-reentrant, so gradients reach
-    the bridge through a frozen decoder."""
-    if hasattr(t5, "activation_checkpointing_enable"):
-        t5.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def with_lora(t5, rank, alpha):
-    """LoRA adapters on the query and value projections of every attention layer (the usual choice; PEFT's
-    own default where the model names them otherwise); the base frozen."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("--lora_rank needs the peft package: pip install peft") from None
-    names = {name.rsplit(".", 1)[-1] for name, _ in t5.named_modules()}
-    targets = next((pair for pair in (["q_proj", "v_proj"], ["q", "v"]) if set(pair) <= names), None)  # BART/NLLB, T5
-    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.05,
-                        target_modules=targets)
-    try:
-        return get_peft_model(t5, config)
-    except ValueError as error:
-        raise UserError(f"--lora_rank: PEFT has no LoRA target modules for a {t5.config.model_type} model "
-                        f"({first_line(error)})") from None
-
-
-def spec_tensor(spec):
-    """The decoder spec as the uint8 tensor a state dict carries (JSON bytes), and back (`spec_of`)."""
-    return torch.tensor(list(json.dumps(spec, sort_keys=True).encode()), dtype=torch.uint8)
-
-
-def spec_of(tensor):
-    return json.loads(bytes(tensor.tolist()).decode())
-
-
-def comparable_config(config):
-    """A model config without what says how or where it was saved (not what the model is)."""
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in (
-        "transformers_version", "architectures", "torch_dtype", "dtype", "use_cache")}
-
-
-def load_tokenizer(name, origin):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"{origin}: cannot load the tokenizer of decoder '{name}' ({first_line(error)}); "
-                        "offline? keep its t5_export/ folder beside the checkpoint") from None
-
-
-def base_decoder(spec, where=None, origin="this checkpoint"):
-    """The base model a frozen or LoRA checkpoint was trained on (by name, or from `where`), with its
-    tokenizer and fingerprint; refused in one line when its weights are not the ones trained on."""
-    where = str(where or spec["name"])
-    t5, tokenizer = load_t5(where)
-    fingerprint = weights_fingerprint(t5.float())
-    if fingerprint != spec["fingerprint"]:
-        raise UserError(f"{origin} holds only what was trained on top of decoder '{spec['name']}' (weights "
-                        f"{spec['fingerprint'][:12]}), but '{where}' has other weights ({fingerprint[:12]}): "
-                        "give that base model (--t5_model)")
-    return t5, tokenizer, fingerprint
-
-
-class SONARwithT5(nn.Module):
-    """Frozen sentence encoder -> bridge -> T5 (through `inputs_embeds`).
-
-    SONARwithT5(sonar_checkpoint, t5_model_name="t5-small", freeze_encoder=True, device="cuda") as in
-    the original module; bridge options as keywords (MODEL_DEFAULTS). Bridges (--bridge):
-      prefix_memory (default) each `expander` query gets per-clip content from the standardised
-                    embedding, then reads `memory_tokens` memory tokens through `attention_bridge`
-      memory        `expander` queries read the memory tokens (content from attention only)
-      prefix        an MLP prefix, no attention
-      guide         the guide's bridge: attention over ONE key, so every query gets the same vector
-
-    Calls:  model(batch) -> (loss, target tokens)            the trainer's batch dicts
-            model(features, target_texts) -> loss              the original API: (B, T, D) zero-padded
-            model(features, max_length=50) -> [sentence, ...]
-    """
-
-    def __init__(self, sonar_checkpoint=None, t5_model_name=DEFAULT_T5, freeze_encoder=True, device="cuda", *,
-                 t5=None, tokenizer=None, encoder_dims=None, feature_dim=None, decoder_fingerprint=None,
-                 **options):
+    def __init__(self, model, tokenizer, config):
         super().__init__()
-        unknown = set(options) - set(MODEL_DEFAULTS) - set(DECODER_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown SONARwithT5 options: {sorted(unknown)}")
-        decoder_options = {k: options.pop(k, v) for k, v in DECODER_DEFAULTS.items()}
-        options = {**MODEL_DEFAULTS, **options}
-        if options["bridge"] not in BRIDGES:
-            raise UserError(f"unknown bridge '{options['bridge']}' (choose from {BRIDGE_KINDS})")
-        if options["frame_route"] not in FRAME_ROUTE_CHOICES:
-            raise UserError(f"unknown frame route '{options['frame_route']}' (choose from {FRAME_ROUTE_CHOICES})")
-        if sonar_checkpoint is not None:
-            self.sonar_encoder = load_sonar_encoder(sonar_checkpoint)
-        elif encoder_dims is not None:
-            self.sonar_encoder = SonarEncoder(encoder_dims)
-        else:
-            raise UserError("SONARwithT5 needs sonar_checkpoint (or encoder_dims)")
-        if t5 is None:
-            t5, tokenizer = load_t5(t5_model_name)
-        self.register_buffer("model_spec", torch.zeros(0, dtype=torch.uint8))   # `options`, carried by the state dict
-        self.freeze_encoder, self.options = freeze_encoder, options
-        if freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
-            self.sonar_encoder.requires_grad_(False).eval()
-        self.register_buffer("decoder_spec", torch.zeros(0, dtype=torch.uint8))
-        self.attach_decoder(t5, tokenizer, t5_model_name, fingerprint=decoder_fingerprint, **decoder_options)
-        if options["frame_route"] == "auto":
-            self.options = {**options, "frame_route": default_frame_route(self.decoder_model.config)}
-        self.bridge = self.make_bridge(feature_dim or self.sonar_encoder.input_dim)
-        self.to(resolve_device(device) if isinstance(device, str) else device)
-
-    @property
-    def options(self):
-        """The bridge and frame path's options (MODEL_DEFAULTS keys). The state dict carries them
-        (`model_spec`), so that a model built with other flags (Cell 7's default one) rebuilds the bridge
-        a checkpoint was trained with, num_heads too, which no weight's shape tells."""
-        return self._options
-
-    @options.setter
-    def options(self, options):
-        self._options = options
-        self.model_spec = spec_tensor(options).to(self.model_spec.device)
-
-    def make_bridge(self, frame_dim):
-        t5 = self.decoder_model
-        bridge = BRIDGES[self.options["bridge"]](self.sonar_encoder.output_dim, t5.config.d_model,
-                                                 self.options, frame_dim, embedding_scale(t5))
-        if bridge.frame_encoder is not None and self.options["frame_route"] == "cross_attention":
-            bridge.frame_memory = FrameMemory(t5.config.d_model, self.options, bridge.ff_dim, encoder_output_scale(t5))
-        return bridge
-
-    # -- the decoder (any seq2seq model; trained in full, frozen or through LoRA adapters) ------------
-
-    def attach_decoder(self, t5, tokenizer, name, *, target_lang=None, freeze_t5=False, lora_rank=0, lora_alpha=0,
-                       gradient_checkpointing=False, fingerprint=None):
-        """Use `t5` (a plain transformers model) as the decoder: its target language, how it trains, and
-        the spec recorded in the state dict (`decoder_spec`) that lets a checkpoint rebuild it."""
-        t5 = t5.float()   # half-precision hub weights: autocast, not the weights, sets the compute precision
-        language = target_language(tokenizer, target_lang, name)
-        training = "lora" if lora_rank else "frozen" if freeze_t5 else "full"
-        spec = {"name": str(name), "config": comparable_config(portable_t5_config(t5)), "training": training,
-                "target_lang": language[0] if language else None,
-                "lora": [lora_rank, lora_alpha or 2 * lora_rank] if lora_rank else None,
-                # a checkpoint without the base weights names them by their fingerprint
-                "fingerprint": (fingerprint or weights_fingerprint(t5)) if training != "full" else None}
-        if lora_rank:
-            t5 = with_lora(t5, *spec["lora"])
-        elif freeze_t5:
-            t5.requires_grad_(False)
-        if gradient_checkpointing:
-            enable_checkpointing(unwrapped(t5))
-        self.t5, self.tokenizer, self.t5_model_name = t5, tokenizer, str(name)
+        language = target_language(tokenizer, config.target_lang, config.t5_model)
+        if config.lora_rank:
+            model = with_lora(model, config.lora_rank, config.lora_alpha)
+        elif config.freeze_t5:
+            model.requires_grad_(False)
+        if config.gradient_checkpointing:
+            enable_checkpointing(unwrapped(model))
+        # `t5`, as the original module named it: users' scripts group parameters by "t5" in their names
+        self.t5, self.tokenizer = model, tokenizer
+        self.target_lang = language[0] if language else None
         self.target_lang_id = language[1] if language else None
-        self.gradient_checkpointing = gradient_checkpointing
-        self.decoder_spec = spec_tensor(spec).to(self.decoder_spec.device)
 
     @property
-    def decoder(self):
-        """The decoder's spec: {"name", "config", "training" (full | frozen | lora), "target_lang", "lora",
-        "fingerprint" (of the base weights, when a checkpoint does not hold them)}."""
-        return spec_of(self.decoder_spec)
-
-    @property
-    def decoder_model(self):
+    def seq2seq(self):
         """The transformers model (inside its PEFT wrapper with --lora_rank)."""
         return unwrapped(self.t5)
 
-    def fit_decoder(self, spec, where=None, origin="this checkpoint"):
-        """Rebuild the decoder a state dict was saved with, when it is not this one (Cell 7 builds a default
-        t5-small model, then loads any best_model.pt): from its config when the checkpoint holds all its
-        weights, else the base model by name (or `where`), refused when its weights differ. (fit_bridge then
-        rebuilds the bridge at the decoder's width.)"""
-        current = self.decoder
-        if all(spec.get(key) == current.get(key) for key in ("config", "training", "target_lang", "lora", "fingerprint")):
-            return
-        if spec["training"] == "full":
-            t5, tokenizer, fingerprint = t5_from_config(spec["config"]), load_tokenizer(spec["name"], origin), None
-        else:
-            t5, tokenizer, fingerprint = base_decoder(spec, where, origin)
-        lora_rank, lora_alpha = spec["lora"] or (0, 0)
-        self.attach_decoder(t5, tokenizer, spec["name"], target_lang=spec["target_lang"],
-                            freeze_t5=spec["training"] == "frozen", lora_rank=lora_rank, lora_alpha=lora_alpha,
-                            fingerprint=fingerprint, gradient_checkpointing=self.gradient_checkpointing)
-        self.to(self.device)                                   # (the bridge's device: the new decoder's is the CPU)
+    def encode(self, inputs_embeds, mask):
+        return self.seq2seq.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)[0]
 
-    def trained_state_dict(self):
-        """What checkpoints hold (on CPU): everything but a frozen or LoRA-adapted decoder's base weights,
-        which are rebuilt from the named base model (`decoder_spec`)."""
-        if self.decoder["training"] == "full":
-            return cpu_state_dict(self)
-        return cpu_state_dict(self, keep=lambda key: not self.is_base_weight(key))
-
-    @staticmethod
-    def is_base_weight(key):
-        return key.startswith("t5.") and "lora_" not in key
-
-    # The guide's names.
-    @property
-    def expander(self):
-        return self.bridge.expander
-
-    @property
-    def attention_bridge(self):
-        return self.bridge.attention_bridge
-
-    @property
-    def projection(self):
-        """The original module's name for the layer from the sentence embedding into T5's width."""
-        return self.bridge.projection
-
-    @property
-    def device(self):
-        return self.expander.device
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.freeze_encoder:  # a frozen encoder also keeps its dropout off
-            self.sonar_encoder.eval()
-        return self
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        """nn.Module's, after renaming the keys of checkpoints saved before bridges were modules and
-        fitting the decoder and the frame path to the checkpoint's: the guide's Cell 7 builds a default
-        model and loads any best_model.pt into it: another decoder, frozen or LoRA-adapted (the base weights
-        then come from the named base model), with frames or without, any stride."""
-        state_dict = upgrade_state_dict(state_dict)
-        spec = state_dict.get("decoder_spec")
-        if spec is not None:
-            self.fit_decoder(spec_of(spec))
-        # (without a spec: saved before decoders were recorded, so a fully trained T5 like this one)
-        self.fit_bridge(state_dict)
-        state_dict = self.fit_frame_path(state_dict)      # (checkpoints saved without `model_spec`)
-        self.fit_prefix(state_dict)
-        state_dict = {**state_dict, "decoder_spec": self.decoder_spec, "model_spec": self.model_spec}
-        self.train(self.training)      # parts rebuilt above start in training mode: the model's mode for all
-        if self.decoder["training"] == "full":
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if not self.is_base_weight(key)]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\tMissing key(s): "
-                               f"{missing}; unexpected key(s): {result.unexpected_keys}")
-        return result._replace(missing_keys=missing)
-
-    def fit_bridge(self, state_dict):
-        """The bridge (and frame path) a state dict was saved with, from the options it carries, at the
-        decoder's width, when either is not this model's. Saved before 2026-12-01: no `model_spec`; the
-        frame path and the prefix width are then read from the weights' shapes (fit_frame_path, fit_prefix),
-        the other options taken as this model's."""
-        spec = state_dict.get("model_spec")
-        recorded = {} if spec is None else {k: v for k, v in spec_of(spec).items() if k in MODEL_DEFAULTS}
-        saved = {**self.options, **recorded}
-        if saved == self.options and self.expander.shape[1] == self.decoder_model.config.d_model:
-            return
-        self.options = saved
-        frame_mean = state_dict.get("bridge.frame_encoder.frame_mean")
-        self.bridge = self.make_bridge(self.sonar_encoder.input_dim if frame_mean is None else len(frame_mean)
-                                       ).to(self.device)
-
-    def fit_prefix(self, state_dict):
-        """The prefix MLP's hidden width a state dict was saved with (--prefix_dim: 256 by default beside a
-        frozen or LoRA decoder, any width when typed), when it is not this model's."""
-        saved, mlp = state_dict.get("bridge.prefix_mlp.0.weight"), getattr(self.bridge, "prefix_mlp", None)
-        if saved is None or mlp is None or mlp[0].out_features == len(saved):
-            return
-        self.options = {**self.options, "prefix_dim": len(saved)}
-        self.bridge.prefix_mlp = self.bridge.make_prefix_mlp(self.sonar_encoder.output_dim, self.options).to(self.device)
-
-    def fit_frame_path(self, state_dict):
-        """Rebuild (or drop) the frame encoder and the frame memory so their shapes are the ones `state_dict`
-        was saved with; returns the state dict (with the window of a checkpoint saved before windows were
-        recorded: one frame)."""
-        projection = state_dict.get("bridge.frame_encoder.frame_projection.weight")
-        current = self.bridge.frame_encoder
-        if projection is None:
-            if current is not None:
-                logger.info("This checkpoint was trained without frames (--no-frame_attention): the model reads "
-                            "the sentence embedding only.")
-                self.bridge.frame_encoder, self.bridge.frame_memory = None, None
-                self.options = {**self.options, "frame_attention": False}
-            return state_dict
-        mean = state_dict["bridge.frame_encoder.frame_mean"]
-        if "bridge.frame_encoder.window" not in state_dict:
-            state_dict = {**state_dict, "bridge.frame_encoder.window": torch.tensor([1, 1])}
-        stride, kernel = (int(v) for v in state_dict["bridge.frame_encoder.window"])
-        if current is None or (current.stride, current.kernel, len(current.frame_mean)) != (stride, kernel, len(mean)):
-            self.bridge.frame_encoder = FrameEncoder(mean.shape[0], projection.shape[0], stride, kernel).to(self.device)
-            self.options = {**self.options, "frame_attention": True, "frame_stride": stride, "frame_kernel": kernel}
-        self.fit_frame_memory(state_dict)
-        return state_dict
-
-    def fit_frame_memory(self, state_dict):
-        """The frame route a state dict was saved with: a frame memory (and its depth) when it has one."""
-        layers = {key.split(".")[3] for key in state_dict if key.startswith("bridge.frame_memory.layers.")}
-        route = "cross_attention" if "bridge.frame_memory.scale" in state_dict else "encoder"
-        ff = state_dict.get("bridge.frame_memory.layers.0.linear1.weight")
-        ff_dim = self.options["frame_memory_ff_dim"] if ff is None else len(ff)
-        down = state_dict.get("bridge.frame_memory.down.weight")
-        divisor = 1 if down is None else down.shape[1] // down.shape[0]
-        current = self.bridge.frame_memory
-        if (current is None) if route == "encoder" else (
-                current is not None and len(current.layers) == len(layers)
-                and self.options["frame_memory_divisor"] == divisor
-                and (not layers or current.layers[0].linear1.out_features == ff_dim)):
-            return
-        self.options = {**self.options, "frame_route": route, "frame_memory_layers": len(layers),
-                        "frame_memory_ff_dim": ff_dim, "frame_memory_divisor": divisor}
-        self.bridge.frame_memory = (FrameMemory(self.decoder_model.config.d_model, self.options, self.bridge.ff_dim, 1.0)
-                                    .to(self.device) if route == "cross_attention" else None)
-
-    # -- encoder and bridge --------------------------------------------------------------------
-
-    def sentence_embedding(self, batch):
-        """(B, E) from a batch: the cached embedding when frozen, else the encoder on the clip mean."""
-        if self.freeze_encoder and "sentence_embedding" in batch:
-            return batch["sentence_embedding"].to(self.device)
-        if "clip_mean" in batch:
-            clip_mean = batch["clip_mean"].to(self.device)
-        else:
-            clip_mean = masked_mean(batch["features"].to(self.device), batch["length"])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            return self.sonar_encoder(clip_mean.float())
-
-    def fit_standardizer(self, embeddings, frame_mean=None, frame_std=None):
-        self.bridge.fit_standardizer(embeddings, frame_mean, frame_std)
-
-    def frame_tokens(self, batch):
-        """With --frame_attention, the clip's frames encoded once per batch (standardised, projected,
-        with positions) and their padding mask: (B, T, d_model), (B, T); else (None, None)."""
-        if not self.options["frame_attention"]:
-            return None, None
-        if batch.get("features") is None:
-            raise UserError("this model attends to frames (--frame_attention): its dataset must be "
-                            "built with return_frames=True")
-        return self.bridge.frame_encoder(batch["features"], batch["length"])
-
-    def bridge_batch(self, batch, frame_tokens=None, frame_padding=None):
-        """The bridge's output for a batch: (B, Q, d_model). Frame tokens are encoded here unless given."""
-        if frame_tokens is None:
-            frame_tokens, frame_padding = self.frame_tokens(batch)
-        return self.bridge(self.sentence_embedding(batch), frame_tokens, frame_padding)
-
-    def t5_inputs(self, batch):
-        """What T5's encoder reads: the bridge's Q tokens, then with --frame_attention (frame route
-        `encoder`) the clip's T frame tokens (the ones the bridge attended to, at the same scale), and the
-        mask of the frames' padding: (B, Q [+ T], d_model), (B, Q [+ T])."""
-        return self.decoder_inputs(batch)[:2]
-
-    def decoder_inputs(self, batch):
-        """t5_inputs, and the frame memory for the decoder's cross-attention with the frame route
-        `cross_attention` ((B, T, d_model), mask (B, T)); else None."""
-        frame_tokens, frame_padding = self.frame_tokens(batch)
-        tokens = self.bridge_batch(batch, frame_tokens, frame_padding)
-        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
-        if frame_tokens is None:
-            return tokens, mask, None
-        if self.bridge.frame_memory is not None:
-            return tokens, mask, self.bridge.frame_memory(frame_tokens, frame_padding)
-        tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
-        return tokens, torch.cat([mask, (~frame_padding).long()], dim=1), None
-
-    def decoder_memory(self, batch):
-        """What the decoder's cross-attention reads: its encoder's output for t5_inputs, then the frame
-        memory (frame route `cross_attention`), and their mask: (B, M, d_model), (B, M)."""
-        inputs_embeds, mask, frame_memory = self.decoder_inputs(batch)
-        memory = self.decoder_model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)[0]
-        if frame_memory is None:
-            return memory, mask
-        return torch.cat([memory, frame_memory[0]], dim=1), torch.cat([mask, frame_memory[1]], dim=1)
-
-    # -- T5 --------------------------------------------------------------------------------------
-
-    def forward(self, batch, target_texts=None, max_length=50, *, label_smoothing=0.0):
-        """Token-level cross-entropy on batch['labels'] (padded with -100): (loss, target tokens).
-
-        A tensor instead of a batch dict is the original module's call: `features` (B, T, D) padded
-        with zero frames (which stay out of the mean); with `target_texts` the scalar loss, without
-        them the generated sentences (at most `max_length` new tokens).
-        """
-        if torch.is_tensor(batch):
-            batch = self.batch_from_features(batch)
-            if target_texts is None:
-                return self.generate(batch, **generation_kwargs({**DECODING_DEFAULTS, "max_new_tokens": max_length}))
-            batch["labels"] = self.labels_from_texts(target_texts, max_length=128)
-            return self.loss(batch, label_smoothing)[0]
-        return self.loss(batch, label_smoothing)
-
-    def labels_from_texts(self, texts, max_length=None):
-        """Target sentences as token ids padded with -100 (left out of the loss): (B, L)."""
-        return padded_labels(self.target_ids(texts, max_length))
-
-    def as_batch(self, batch):
-        """This module's batch dict from the original collate_fn's ({"video_ids", "features", "texts"})."""
-        if "texts" in batch and "features" in batch:
-            return {**self.batch_from_features(batch["features"]), "id": list(batch["video_ids"]),
-                    "text": list(batch["texts"])}
-        return batch
-
-    def batch_from_features(self, features):
-        """A batch dict from zero-padded frames (B, T, D): each clip ends at its last non-zero frame."""
-        features = features.to(self.device).float()
-        nonzero = features.abs().sum(dim=-1) > 0                                    # (B, T)
-        positions = torch.arange(1, features.shape[1] + 1, device=self.device)
-        lengths = (nonzero * positions).max(dim=1).values.cpu()                    # (B,)
-        return {"features": features, "length": lengths, "clip_mean": masked_mean(features, lengths)}
-
-    def loss(self, batch, label_smoothing=0.0):
-        """Token-level cross-entropy: (loss, target tokens). T5 is called stack by stack so its
-        vocabulary head (a quarter of t5-small's training FLOPs) runs only where there is a target token,
-        not on the -100 padding; other families compute their own loss (BART, mBART and NLLB start
-        the decoder from their own start token)."""
-        memory, attention_mask = self.decoder_memory(batch)                 # (B, Q + T, d)
-        labels = batch["labels"].to(self.device)                             # (B, L)
+    def loss(self, memory, mask, labels, smoothing=0.0):
+        """Token-level cross-entropy of `labels` (padded with -100) given the cross-attention memory:
+        (loss, target tokens). T5 is called stack by stack so its vocabulary head (a quarter of t5-small's
+        training FLOPs) runs only where there is a target token, not on the -100 padding; other families
+        compute their own loss (BART, mBART and NLLB start the decoder from their own start token)."""
         targets = labels != -100
-        smoothing = label_smoothing if self.training else 0.0
-        t5 = self.decoder_model
-        config = t5.config
+        seq2seq = self.seq2seq
+        config = seq2seq.config
         if not uses_t5_loss(config):
-            output = self.t5(encoder_outputs=encoder_output(memory), attention_mask=attention_mask,
-                             labels=labels, use_cache=False)
+            output = self.t5(encoder_outputs=encoder_output(memory), attention_mask=mask, labels=labels,
+                                use_cache=False)
             if not smoothing:
                 return output.loss, targets.sum()
             return F.cross_entropy(output.logits[targets].float(), labels[targets], label_smoothing=smoothing), targets.sum()
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], config.decoder_start_token_id),
                                        labels[:, :-1]], dim=1)
         decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, config.pad_token_id)
-        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
-                            encoder_attention_mask=attention_mask, use_cache=False)[0]  # (B, L, d)
+        hidden = seq2seq.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
+                                 encoder_attention_mask=mask, use_cache=False)[0]   # (B, L, d)
         hidden = hidden[targets]                                             # (N, d)
         if scales_decoder_output(config):
             hidden = hidden * config.d_model ** -0.5
-        logits = t5.lm_head(hidden)                                          # (N, V)
-        loss = F.cross_entropy(logits.float(), labels[targets], label_smoothing=smoothing)
-        return loss, targets.sum()
+        logits = seq2seq.lm_head(hidden)                                     # (N, V)
+        return F.cross_entropy(logits.float(), labels[targets], label_smoothing=smoothing), targets.sum()
 
     @torch.no_grad()
-    def generate(self, batch, **gen_kwargs):
-        """Sentences for a batch; gen_kwargs go to the decoder's generate (max_new_tokens always set). A
-        multilingual decoder's first token is forced to the target language's code, left out of the text."""
-        memory, attention_mask = self.decoder_memory(batch)
+    def generate(self, memory, mask, **gen_kwargs):
+        """Sentences; gen_kwargs go to the model's generate (max_new_tokens always set). A multilingual
+        decoder's first token is forced to the target language's code, left out of the text."""
         gen_kwargs.setdefault("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
         if gen_kwargs.get("num_beams", 1) > 1:
             gen_kwargs.setdefault("past_key_values", beam_search_cache())
         if self.target_lang_id is not None:
             gen_kwargs.setdefault("forced_bos_token_id", self.target_lang_id)
-        ids = self.t5.generate(encoder_outputs=encoder_output(memory), attention_mask=attention_mask,
-                               **gen_kwargs)
+        ids = self.t5.generate(encoder_outputs=encoder_output(memory), attention_mask=mask, **gen_kwargs)
         if self.target_lang_id is not None:
             ids = ids.masked_fill(ids == self.target_lang_id, self.tokenizer.pad_token_id)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -1989,63 +1718,372 @@ class SONARwithT5(nn.Module):
         end = max_length - 2 if max_length else None
         return [[self.target_lang_id, *row[:end], self.tokenizer.eos_token_id] for row in rows]
 
-    def config_dict(self):
-        """What it takes to rebuild this model without the training flags (saved in checkpoints)."""
-        frame_encoder, decoder = self.bridge.frame_encoder, self.decoder
-        lora_rank, lora_alpha = decoder["lora"] or (0, 0)
-        return {"t5_model": self.t5_model_name, "freeze_encoder": self.freeze_encoder,
-                "encoder_dims": list(self.sonar_encoder.dims), **self.options,
-                "feature_dim": frame_encoder.frame_mean.shape[0] if frame_encoder else None,
-                "target_lang": decoder["target_lang"], "freeze_t5": decoder["training"] == "frozen",
-                "lora_rank": lora_rank, "lora_alpha": lora_alpha}
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", checkpoint=None, base=None):
-        """Rebuild a trained model from best_model.pt alone (+ its t5_export/ folder, if present; a frozen
-        or LoRA decoder's base model by its recorded name, or from `base`, checked by fingerprint).
-        `checkpoint`: the file's contents when the caller has already loaded them."""
-        checkpoint = checkpoint if checkpoint is not None else safe_torch_load(path, "model checkpoint")
-        check_model_checkpoint(checkpoint, path)
-        config = checkpoint["model_config"]
-        state = upgrade_state_dict(checkpoint["model_state_dict"])
-        spec = state.get("decoder_spec")
-        spec = spec_of(spec) if spec is not None else {"training": "full"}
-        export = Path(path).parent / "t5_export"
-        fingerprint = None
-        if spec["training"] == "full":
-            head, embedding = state.get("t5.lm_head.weight"), state.get("t5.shared.weight")
-            untied = config_is_untied(checkpoint["t5_config"]) or (
-                head is not None and embedding is not None and not torch.equal(head, embedding))
-            t5, tokenizer = t5_from_config(checkpoint["t5_config"], untied), None
-        else:
-            t5, tokenizer, fingerprint = base_decoder(spec, base, origin=str(path))
-        if export.is_dir() or tokenizer is None:
-            tokenizer = load_tokenizer(export if export.is_dir() else config["t5_model"], str(path))
-        decoder_options = {k: config.get(k, PREVIOUS_DEFAULTS.get(k)) for k in DECODER_DEFAULTS if k != "gradient_checkpointing"}
-        model = cls(None, config["t5_model"], config["freeze_encoder"], device, t5=t5, tokenizer=tokenizer,
-                    encoder_dims=config["encoder_dims"], feature_dim=config.get("feature_dim"),
-                    decoder_fingerprint=fingerprint, **decoder_options,
-                    **{k: config.get(k, PREVIOUS_DEFAULTS.get(k, MODEL_DEFAULTS[k])) for k in MODEL_DEFAULTS})
-        load_model_state(model, state, path)
-        return model
-
-
-def resolve_device(name):
-    """torch.device from a --device value; CUDA falls back to CPU with a warning where there is none."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device '{name}' is not a device: use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        logger.warning("CUDA is not available on this machine: running on CPU instead.")
-        return torch.device("cpu")
-    if device.type not in ("cuda", "cpu"):
-        raise UserError(f"--device '{name}' is not supported here: use cuda, cuda:N or cpu")
-    return device
+    def export(self, folder, weights):
+        save_export(self.t5, self.tokenizer, folder, weights)
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding, metrics and collapse diagnostics: one decoding loop for training, --predict and Cell 7
+# 9. Model
+
+
+def is_base_weight(key):
+    """A frozen or LoRA decoder's own weights: rebuilt from its base model, not saved in checkpoints."""
+    return key.startswith("decoder.t5.") and "lora_" not in key
+
+
+class SONARwithT5(nn.Module):
+    """Sentence encoder (frozen by default) -> bridge -> decoder, as ModelConfig describes.
+
+    SONARwithT5(sonar_checkpoint, t5_model_name="t5-small", freeze_encoder=True, device="cuda") as in
+    the original module; the other options as keywords (ModelConfig's fields). Bridges (--bridge):
+      prefix_memory (default) each `expander` query gets per-clip content from the standardised
+                    embedding, then reads `memory_tokens` memory tokens through `attention_bridge`
+      memory        `expander` queries read the memory tokens (content from attention only)
+      prefix        an MLP prefix, no attention
+      guide         the guide's bridge: attention over ONE key, so every query gets the same vector
+    With frames (the default) the bridge also reads the clip's frame tokens, and the decoder reads them
+    beside its encoder's output (route cross_attention) or in its encoder after the bridge's tokens.
+
+    Calls:  model(batch) -> (loss, target tokens)            the trainer's batch dicts
+            model(features, target_texts) -> loss              the original API: (B, T, D) zero-padded
+            model(features, max_length=50) -> [sentence, ...]
+    """
+
+    def __init__(self, sonar_checkpoint=None, t5_model_name=DEFAULT_T5, freeze_encoder=True, device="cuda", *,
+                 decoder=None, tokenizer=None, config=None, **options):
+        super().__init__()
+        if config is None:
+            unknown = set(options) - {f.name for f in dataclasses.fields(ModelConfig)}
+            if unknown:
+                raise TypeError(f"unknown SONARwithT5 options: {sorted(unknown)}")
+            config = ModelConfig(**{"t5_model": str(t5_model_name), "freeze_encoder": freeze_encoder, **options})
+        encoder = None
+        if sonar_checkpoint is not None:
+            encoder = load_sonar_encoder(sonar_checkpoint)
+            config = config.replace(encoder_dims=encoder.dims)
+        elif config.encoder_dims is None:
+            raise UserError("SONARwithT5 needs sonar_checkpoint (or encoder_dims)")
+        if decoder is None:
+            decoder, tokenizer = load_decoder(config.t5_model)
+        self.build(config, decoder, tokenizer, encoder)
+        self.to(resolve_device(device) if isinstance(device, str) else device)
+
+    def build(self, config, decoder, tokenizer=None, encoder=None):
+        """The parts `config` describes around `decoder`: a transformers model (checked against the
+        configuration's base-weight fingerprint, when it has one), or this model's DecoderAdapter, kept."""
+        if not isinstance(decoder, DecoderAdapter):
+            decoder = decoder.float()   # half-precision hub weights: autocast, not the weights, sets the precision
+            facts = {} if config.decoder_config else {"decoder_config": portable_config(decoder)}
+            if config.decoder_training != "full":
+                fingerprint = weights_fingerprint(decoder)
+                if config.decoder_fingerprint not in (None, fingerprint):
+                    raise UserError(f"this checkpoint holds only what was trained on top of decoder "
+                                    f"'{config.t5_model}' (weights {config.decoder_fingerprint[:12]}), but the one "
+                                    f"given has other weights ({fingerprint[:12]}): give that base model (--t5_model)")
+                facts["decoder_fingerprint"] = fingerprint
+            config = config.replace(**facts)
+            decoder = DecoderAdapter(decoder, tokenizer, config)
+        self.config = config
+        self.decoder = decoder
+        self.sonar_encoder = encoder if encoder is not None else SentenceEncoder(config.encoder_dims)
+        if config.freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
+            self.sonar_encoder.requires_grad_(False).eval()
+        self.bridge = make_bridge(config, self.sonar_encoder.output_dim, decoder)
+
+    def rebuild(self, config, where=None, tokenizer_from=None, origin="this checkpoint"):
+        """This model as `config` describes it (the decoder kept when it is the same one)."""
+        device, training = self.device, self.training
+        same = config.same_decoder(self.config)
+        decoder, tokenizer = (self.decoder, None) if same else decoder_for(config, where, tokenizer_from, origin)
+        self.build(config, decoder, tokenizer)
+        self.to(device).train(training)
+
+    def get_extra_state(self):
+        """What the state dict carries beside the weights: the configuration (plain values, weights-only loadable)."""
+        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
+
+    def set_extra_state(self, state):
+        """Nothing to do: load_state_dict has rebuilt the model to the state's configuration first."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's, after rebuilding this model as the state dict's configuration describes: the guide's
+        Cell 7 builds a default model and loads any best_model.pt into it (another bridge, frame path or
+        decoder; a frozen or LoRA decoder's base weights come from its base model, by name)."""
+        saved = saved_config(state_dict)
+        if saved != self.config:
+            self.rebuild(saved)
+        if self.config.decoder_training == "full":
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not is_base_weight(key)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\tMissing key(s): "
+                               f"{missing}; unexpected key(s): {result.unexpected_keys}")
+        return result._replace(missing_keys=missing)
+
+    def trained_state_dict(self):
+        """What checkpoints hold (on CPU): everything but a frozen or LoRA-adapted decoder's base weights."""
+        return cpu_state_dict(self, None if self.config.decoder_training == "full" else
+                              lambda key: not is_base_weight(key))
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", checkpoint=None, base=None):
+        """A trained model from best_model.pt alone (and its t5_export/ folder when present; a frozen or LoRA
+        decoder's base model by its recorded name, or from `base`)."""
+        return load_model(path, device, checkpoint, base)
+
+    # -- the guide's and the original module's names --------------------------------------------
+
+    @property
+    def expander(self):
+        return self.bridge.expander
+
+    @property
+    def attention_bridge(self):
+        return self.bridge.attention_bridge
+
+    @property
+    def projection(self):
+        """The original module's name for the layer from the sentence embedding into the decoder's width."""
+        return self.bridge.projection
+
+    @property
+    def t5(self):
+        """The original module's name for the decoder model (inside its PEFT wrapper with --lora_rank)."""
+        return self.decoder.t5
+
+    @property
+    def tokenizer(self):
+        return self.decoder.tokenizer
+
+    @property
+    def target_lang_id(self):
+        return self.decoder.target_lang_id
+
+    @property
+    def decoder_model(self):
+        """The transformers model itself (a PEFT wrapper's base model, with its LoRA layers)."""
+        return self.decoder.seq2seq
+
+    @property
+    def device(self):
+        return self.expander.device
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.config.freeze_encoder:  # a frozen encoder also keeps its dropout off
+            self.sonar_encoder.eval()
+        return self
+
+    # -- encoder, bridge, decoder ------------------------------------------------------------------
+
+    def sentence_embedding(self, batch):
+        """(B, E) from a batch: the cached embedding when frozen, else the encoder on the clip mean."""
+        if self.config.freeze_encoder and "sentence_embedding" in batch:
+            return batch["sentence_embedding"].to(self.device)
+        if "clip_mean" in batch:
+            clip_mean = batch["clip_mean"].to(self.device)
+        else:
+            clip_mean = masked_mean(batch["features"].to(self.device), batch["length"])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            return self.sonar_encoder(clip_mean.float())
+
+    def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
+        """The training set's embedding (and frame) statistics, for the bridge's standardisation."""
+        self.bridge.set_statistics(embeddings, frame_mean, frame_std)
+
+    def frame_tokens(self, batch):
+        """With frames, the clip's frames encoded once per batch (standardised, projected, with positions)
+        and their padding mask: (B, T, d_model), (B, T); else (None, None)."""
+        if not self.config.frame_attention:
+            return None, None
+        if batch.get("features") is None:
+            raise UserError("this model attends to frames (--frame_attention): its dataset must be "
+                            "built with return_frames=True")
+        return self.bridge.frame_encoder(batch["features"], batch["length"])
+
+    def bridge_tokens(self, batch, frame_tokens=None, frame_padding=None):
+        """The bridge's output for a batch: (B, Q, d_model). Frame tokens are encoded here unless given."""
+        if frame_tokens is None:
+            frame_tokens, frame_padding = self.frame_tokens(batch)
+        return self.bridge(self.sentence_embedding(batch), frame_tokens, frame_padding)
+
+    def encoder_inputs(self, batch):
+        """What the decoder's encoder reads and its mask: the bridge's Q tokens, then on the frame route
+        `encoder` the clip's T frame tokens (at the bridge's output scale): (B, Q [+ T], d), (B, Q [+ T]);
+        and on the route `cross_attention` the frame memory for its cross-attention ((B, T, d), (B, T)), else None."""
+        frame_tokens, frame_padding = self.frame_tokens(batch)
+        tokens = self.bridge_tokens(batch, frame_tokens, frame_padding)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
+        if frame_tokens is None:
+            return tokens, mask, None
+        if self.bridge.frame_memory is not None:
+            return tokens, mask, self.bridge.frame_memory(frame_tokens, frame_padding)
+        tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
+        return tokens, torch.cat([mask, (~frame_padding).long()], dim=1), None
+
+    def decoder_memory(self, batch):
+        """What the decoder's cross-attention reads: its encoder's output for encoder_inputs, then the frame
+        memory (route `cross_attention`), and their mask: (B, M, d_model), (B, M)."""
+        inputs_embeds, mask, frame_memory = self.encoder_inputs(batch)
+        memory = self.decoder.encode(inputs_embeds, mask)
+        if frame_memory is None:
+            return memory, mask
+        return torch.cat([memory, frame_memory[0]], dim=1), torch.cat([mask, frame_memory[1]], dim=1)
+
+    def forward(self, batch, target_texts=None, max_length=50, *, label_smoothing=0.0):
+        """Token-level cross-entropy on batch['labels'] (padded with -100): (loss, target tokens). A tensor
+        instead of a batch dict is the original module's call (original_forward)."""
+        if torch.is_tensor(batch):
+            return original_forward(self, batch, target_texts, max_length, label_smoothing)
+        return self.loss(batch, label_smoothing)
+
+    def loss(self, batch, label_smoothing=0.0):
+        """(loss, target tokens) of a batch; label smoothing only in training mode."""
+        memory, mask = self.decoder_memory(batch)
+        return self.decoder.loss(memory, mask, batch["labels"].to(self.device),
+                                 label_smoothing if self.training else 0.0)
+
+    @torch.no_grad()
+    def generate(self, batch, **gen_kwargs):
+        """Sentences for a batch (gen_kwargs: the decoder's generate's)."""
+        memory, mask = self.decoder_memory(batch)
+        return self.decoder.generate(memory, mask, **gen_kwargs)
+
+    def target_ids(self, texts, max_length=None):
+        return self.decoder.target_ids(texts, max_length)
+
+    def labels_from_texts(self, texts, max_length=None):
+        """Target sentences as token ids padded with -100 (left out of the loss): (B, L)."""
+        return padded_labels(self.target_ids(texts, max_length))
+
+    def batch_from_features(self, features):
+        """A batch dict from zero-padded frames (B, T, D): each clip ends at its last non-zero frame."""
+        features = features.to(self.device).float()
+        nonzero = features.abs().sum(dim=-1) > 0                                    # (B, T)
+        positions = torch.arange(1, features.shape[1] + 1, device=self.device)
+        lengths = (nonzero * positions).max(dim=1).values.cpu()                    # (B,)
+        return {"features": features, "length": lengths, "clip_mean": masked_mean(features, lengths)}
+
+
+def frame_route_advice(config):
+    """One line of advice when the decoder is of a family that learned far worse with the frame route
+    cross_attention on bench/quality.py (README, "Quality by decoder"); else None."""
+    if config.route == "cross_attention" and config.family not in CROSS_ROUTE_FAMILIES:
+        return (f"frames beside a '{config.family}' decoder's encoder output (--frame_route cross_attention) learned "
+                "far worse than --frame_route encoder with BART and M2M100 / NLLB-200 decoders on bench/quality.py "
+                "(README 'Quality by decoder'); the default (auto) uses encoder for them")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Checkpoints: plain dicts of tensors and primitives (weights-only loadable). The model's state dict
+# carries its ModelConfig (`_extra_state`, with the format number); best_model.pt adds the epoch and
+# its scores, last.pt the optimizer, scheduler, scaler, random states and the loop's state.
+
+RESUME_KEYS = ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng", "train_state")
+
+
+def cpu_state_dict(module, keep=None):
+    """State dict on CPU (the entries `keep` accepts); tensors that share storage (tied embeddings) stay shared."""
+    copies, state = {}, {}
+    for name, value in module.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
+        if not torch.is_tensor(value):
+            state[name] = value
+            continue
+        key = (value.data_ptr(), tuple(value.shape), value.dtype)
+        if key not in copies:
+            copies[key] = value.detach().cpu().clone()
+        state[name] = copies[key]
+    return state
+
+
+def model_checkpoint(model, args, **extra):
+    return {"model_state_dict": model.trained_state_dict(),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra}
+
+
+def saved_config(state_dict, origin="this checkpoint"):
+    """The ModelConfig a state dict carries; one saved by another version of this tool is refused."""
+    extra = state_dict.get("_extra_state") if isinstance(state_dict, dict) else None
+    saved = extra.get("format") if isinstance(extra, dict) else None
+    if saved != CHECKPOINT_FORMAT:
+        if isinstance(saved, int) and saved > CHECKPOINT_FORMAT:
+            raise UserError(f"{origin}: saved by a newer version of train_sonar_with_t5.py (checkpoint format "
+                            f"{saved}, this one reads {CHECKPOINT_FORMAT}): update the script")
+        raise UserError(f"{origin}: saved by an earlier version of this tool; retrain with this one")
+    return ModelConfig.from_dict(extra["config"])
+
+
+def check_model_checkpoint(checkpoint, path, keys=()):
+    """A clear error for a file that is not (or not all of) a checkpoint this version can read; its config."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_state_dict"), dict):
+        raise UserError(f"{path}: not a model checkpoint of this tool (no 'model_state_dict')")
+    config = saved_config(checkpoint["model_state_dict"], path)
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path}: this checkpoint lacks {', '.join(missing)} (not saved by --resume's last.pt?); "
+                        "use another --output_dir or remove it")
+    return config
+
+
+def load_model(path, device="cpu", checkpoint=None, base=None):
+    """SONARwithT5.from_checkpoint: the model a best_model.pt (or last.pt) holds, built once from its config."""
+    checkpoint = checkpoint if checkpoint is not None else safe_torch_load(path, "model checkpoint")
+    config = check_model_checkpoint(checkpoint, path)
+    export = Path(path).parent / "t5_export"
+    decoder, tokenizer = decoder_for(config, base, export if export.is_dir() else None, str(path))
+    model = SONARwithT5(None, device=device, decoder=decoder, tokenizer=tokenizer, config=config)
+    load_model_state(model, checkpoint["model_state_dict"], path)
+    return model
+
+
+def load_model_state(model, state_dict, path):
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        lines = str(error).splitlines()
+        raise UserError(f"{path}: checkpoint is from another model ({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+    # A tied decoder stores its input embedding once; the tied copies may be missing.
+    tied = not is_untied(model.t5)
+    missing = [k for k in result.missing_keys if not (tied and k.endswith("lm_head.weight"))
+               and not k.endswith("embed_tokens.weight")]
+    if missing or result.unexpected_keys:
+        raise UserError(f"{path}: checkpoint is from another model (missing keys: "
+                        f"{missing[:5] or 'none'}; unexpected keys: {result.unexpected_keys[:5] or 'none'})")
+
+
+def resume_config(checkpoint, config, args, given, path):
+    """The configuration a run resumed from last.pt trains: last.pt's, with this command line's
+    gradient checkpointing. A flag typed now that contradicts it, or another --feature_fps, is one line."""
+    saved = check_model_checkpoint(checkpoint, path, RESUME_KEYS)
+    differences = [f"--{name} {getattr(saved, name)!r} (now {getattr(config, name)!r})" for name in ModelConfig.FLAGS
+                   if name in given and name != "gradient_checkpointing" and getattr(saved, name) != getattr(config, name)]
+    fps = checkpoint.get("args", {}).get("feature_fps")
+    if fps != args.feature_fps:
+        differences.append(f"--feature_fps {fps!r} (now {args.feature_fps!r})")
+    if differences:
+        raise UserError(f"cannot resume from {path}: it was trained with " + ", ".join(differences)
+                        + "; rerun with the same flags or use another --output_dir")
+    return saved.replace(gradient_checkpointing=config.gradient_checkpointing)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Decoding, metrics and collapse diagnostics: one decoding loop for training, --predict and Cell 7
 
 
 def generation_kwargs(settings):
@@ -2138,46 +2176,6 @@ def score_predictions(predictions):
     return corpus_scores([p.prediction for p in predictions], [p.reference for p in predictions])
 
 
-def evaluate_model(model, loader, device, gen_kwargs=None):
-    """The guide's Cell 7 API: (BLEU, loss, [(ground_truth, prediction), ...])."""
-    model = getattr(model, "module", model)
-    predictions, loss_sum, tokens = translate(model, loader, gen_kwargs or generation_kwargs(DECODING_DEFAULTS))
-    return score_predictions(predictions)["bleu"], loss_sum / max(tokens, 1), \
-        [(p.reference, p.prediction) for p in predictions]
-
-
-def evaluate(model, val_loader, device=None):
-    """The original module's evaluation: (BLEU, predictions, references) over a loader of its
-    collate_fn's batches ({"video_ids", "features", "texts"}) or of this module's."""
-    model = getattr(model, "module", model)
-    predictions, _, _ = translate(model, (model.as_batch(batch) for batch in val_loader),
-                                  generation_kwargs(DECODING_DEFAULTS), with_loss=False)
-    hypotheses, references = [p.prediction for p in predictions], [p.reference for p in predictions]
-    return corpus_scores(hypotheses, references)["bleu"], hypotheses, references
-
-
-def train_epoch(model, train_loader, optimizer, scheduler, epoch, device=None, max_grad_norm=1.0):
-    """The original module's training epoch: one optimizer step per batch (its collate_fn's or this
-    module's), gradients clipped to `max_grad_norm`; returns the mean loss."""
-    raw = getattr(model, "module", model)
-    model.train()
-    total, batches = 0.0, 0
-    for batch in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
-        batch = raw.as_batch(batch)
-        if "labels" not in batch:
-            batch["labels"] = raw.labels_from_texts(batch["text"], max_length=128)
-        loss, _ = model(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        total += float(loss.detach())
-        batches += 1
-    return total / max(batches, 1)
-
-
 def mean_pairwise_cosine(vectors):
     """Mean cosine over distinct pairs of rows: (N, E) -> float."""
     if len(vectors) < 2:
@@ -2202,7 +2200,7 @@ def collapse_diagnostics(model, dataset, predictions, references, max_clips=256)
     indices = list(range(min(len(dataset), max_clips)))
     batch = collate_clips([{k: v for k, v in dataset[i].items() if k != "labels"} for i in indices])
     embeddings = model.sentence_embedding(batch).float()                      # (N, E)
-    across_clips, across_positions = bridge_spreads(model.bridge_batch(batch))  # from (N, Q, d)
+    across_clips, across_positions = bridge_spreads(model.bridge_tokens(batch))  # from (N, Q, d)
     spread = embeddings.std(dim=0).mean() / embeddings.pow(2).mean().sqrt().clamp(min=1e-12)
     return {
         "encoder_cosine": mean_pairwise_cosine(embeddings),
@@ -2240,7 +2238,94 @@ def diagnose_collapse(diagnostics):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: processes, precision, batches, the optimizer step, one epoch, evaluation
+# 12. The guide's and the original module's API: the calls their cells and scripts make
+
+
+def original_forward(model, features, target_texts=None, max_length=50, label_smoothing=0.0):
+    """model(features, target_texts) -> the scalar loss; model(features, max_length=50) -> sentences.
+    `features` (B, T, D): frames padded with zero frames (which stay out of the mean), as the original
+    collate_fn padded every clip to 300 frames."""
+    batch = model.batch_from_features(features)
+    if target_texts is None:
+        return model.generate(batch, **generation_kwargs({**DECODING_DEFAULTS, "max_new_tokens": max_length}))
+    batch["labels"] = model.labels_from_texts(target_texts, max_length=128)
+    return model.loss(batch, label_smoothing)[0]
+
+
+def original_batch(model, batch):
+    """This module's batch dict from the original collate_fn's ({"video_ids", "features", "texts"})."""
+    if "texts" in batch and "features" in batch:
+        return {**model.batch_from_features(batch["features"]), "id": list(batch["video_ids"]),
+                "text": list(batch["texts"])}
+    return batch
+
+
+def collate_fn(items):
+    """The original module's collate: {"video_ids", "features" (B, 300, D) zero-padded or cut, "texts"}.
+    Needs items with frames (How2SignDataset(features_dir, manifest) or return_frames=True)."""
+    if "features" not in items[0]:
+        raise UserError("collate_fn needs each clip's frames: build the dataset with return_frames=True")
+    frames = [item["features"][: int(item["length"])][:ORIGINAL_PAD_FRAMES] for item in items]
+    return {"video_ids": [item["id"] for item in items], "texts": [item["text"] for item in items],
+            "features": torch.stack([F.pad(f, (0, 0, 0, ORIGINAL_PAD_FRAMES - f.shape[0])) for f in frames])}
+
+
+def evaluate_model(model, loader, device, gen_kwargs=None):
+    """The guide's Cell 7 API: (BLEU, loss, [(ground_truth, prediction), ...])."""
+    model = getattr(model, "module", model)
+    predictions, loss_sum, tokens = translate(model, loader, gen_kwargs or generation_kwargs(DECODING_DEFAULTS))
+    return score_predictions(predictions)["bleu"], loss_sum / max(tokens, 1), \
+        [(p.reference, p.prediction) for p in predictions]
+
+
+def evaluate(model, val_loader, device=None):
+    """The original module's evaluation: (BLEU, predictions, references) over a loader of its
+    collate_fn's batches ({"video_ids", "features", "texts"}) or of this module's."""
+    model = getattr(model, "module", model)
+    predictions, _, _ = translate(model, (original_batch(model, batch) for batch in val_loader),
+                                  generation_kwargs(DECODING_DEFAULTS), with_loss=False)
+    hypotheses, references = [p.prediction for p in predictions], [p.reference for p in predictions]
+    return corpus_scores(hypotheses, references)["bleu"], hypotheses, references
+
+
+def train_epoch(model, train_loader, optimizer, scheduler, epoch, device=None, max_grad_norm=1.0):
+    """The original module's training epoch: one optimizer step per batch (its collate_fn's or this
+    module's), gradients clipped to `max_grad_norm`; returns the mean loss."""
+    raw = getattr(model, "module", model)
+    model.train()
+    total, batches = 0.0, 0
+    for batch in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
+        batch = original_batch(raw, batch)
+        if "labels" not in batch:
+            batch["labels"] = raw.labels_from_texts(batch["text"], max_length=128)
+        loss, _ = model(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += float(loss.detach())
+        batches += 1
+    return total / max(batches, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. Training: processes, precision, batches, the optimizer step, one epoch, evaluation
+
+
+def resolve_device(name):
+    """torch.device from a --device value; CUDA falls back to CPU with a warning where there is none."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device '{name}' is not a device: use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("CUDA is not available on this machine: running on CPU instead.")
+        return torch.device("cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device '{name}' is not supported here: use cuda, cuda:N or cpu")
+    return device
 
 
 @dataclass
@@ -2253,6 +2338,11 @@ class World:
     @property
     def is_main(self):
         return self.rank == 0
+
+    @staticmethod
+    def env_rank():
+        """This process's rank as torchrun sets it (0 for a plain `python` run)."""
+        return int(os.environ.get("RANK", "0"))
 
     def gather(self, obj):
         if self.size == 1:
@@ -2270,7 +2360,7 @@ def setup_world(device_name):
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(device=resolve_device(device_name))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = World.env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     resolve_device(device_name) if rank == 0 else None     # validates the flag; warns once without CUDA
     use_cuda = device_name.startswith("cuda") and torch.cuda.is_available()
     if use_cuda:
@@ -2371,11 +2461,11 @@ def fused_adamw(device):
 
 
 def parameter_groups(model):
-    """Trainable parameters by part: T5, bridge, encoder (they train at different rates)."""
-    groups = {"t5": [], "bridge": [], "encoder": []}
+    """Trainable parameters by part: decoder, bridge, encoder (they train at different rates)."""
+    groups = {"decoder": [], "bridge": [], "encoder": []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            groups["t5" if name.startswith("t5.") else
+            groups["decoder" if name.startswith("decoder.") else
                    "encoder" if name.startswith("sonar_encoder.") else "bridge"].append(parameter)
     return groups
 
@@ -2396,9 +2486,12 @@ def bridge_learning_rate(args):
     return args.learning_rate * args.bridge_lr_scale if args.bridge_lr_scale else DEFAULT_BRIDGE_LR
 
 
-def frame_source(args):
-    """The dataset keywords that say where frames come from: the frame store (in --cache_dir) or the files."""
-    return {"frame_store": args.frame_store, "cache_dir": args.cache_dir, "frame_cache_gb": args.frame_cache_gb}
+def load_split(args, split, manifest, features, feature_dim, return_frames=True, require_text=True, progress=True):
+    """How2SignDataset of one split as the flags ask (the one place training, --check and --predict build one)."""
+    return How2SignDataset(manifest, features, feature_dim=feature_dim, split=split, return_frames=return_frames,
+                           require_text=require_text, strict=args.strict, trim_zero_frames=args.trim_zero_frames,
+                           feature_fps=args.feature_fps, max_samples=args.max_samples, frame_store=args.frame_store,
+                           cache_dir=args.cache_dir, frame_cache_gb=args.frame_cache_gb, progress=progress)
 
 
 def data_splits(args):
@@ -2430,11 +2523,19 @@ def write_best_predictions(out, predictions):
         f"GT: {clean(p.reference)}\nPred: {clean(p.prediction)}\n\n" for p in predictions))
 
 
-def score_record(scores):
-    """An evaluation's scores as metrics.jsonl fields."""
-    return {"val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
-            **{f"val_bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
-            **({"val_rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {})}
+def score_record(scores, prefix="val"):
+    """Scores under the one key scheme of the log, metrics.jsonl, results.json and the trackers:
+    <prefix>_bleu, <prefix>_bleu_1..4, <prefix>_chrf, <prefix>_rouge_l."""
+    return {f"{prefix}_bleu": scores["bleu"], f"{prefix}_chrf": scores["chrf"],
+            **{f"{prefix}_bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
+            **({f"{prefix}_rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {})}
+
+
+def describe_scores(scores):
+    """BLEU, BLEU-1..4, chrF (and ROUGE-L) on one log line."""
+    rouge = f" | ROUGE-L {scores['rouge_l']:.2f}" if scores["rouge_l"] is not None else ""
+    return (f"BLEU {scores['bleu']:.2f} (BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | "
+            f"chrF {scores['chrf']:.2f}{rouge}")
 
 
 def selection_key(record, metric):
@@ -2515,9 +2616,7 @@ class Trainer:
 
     def __init__(self, args, world, given=frozenset()):
         self.args, self.world = args, world
-        self.given = given          # flags typed on the command line (the others may follow last.pt's)
-        if "prefix_dim" not in given and (args.freeze_t5 or args.lora_rank):
-            args.prefix_dim = ADAPTER_PREFIX_DIM    # a small bridge beside a frozen or adapted decoder
+        self.given = given          # flags typed on the command line (--resume: the others follow last.pt's)
         self.device = world.device
         self.out = Path(args.output_dir)
         self.precision = resolve_precision(args.precision, self.device)
@@ -2532,18 +2631,20 @@ class Trainer:
         args = self.args
         torch.manual_seed(args.seed)
         random.seed(args.seed)
+        config = ModelConfig.from_args(args)
         resume_from = self.resume_checkpoint() if args.resume else None   # refused early, before any data is read
-        self.raw_model = SONARwithT5(args.sonar_checkpoint, args.t5_model, args.freeze_encoder, self.device,
-                                     **{k: getattr(args, k) for k in DECODER_DEFAULTS},
-                                     **{k: getattr(args, k) for k in MODEL_DEFAULTS})
-        if advice := frame_route_advice(self.raw_model):
+        if resume_from:
+            config = resume_config(resume_from, config, args, self.given, self.out / "last.pt")
+        self.raw_model = SONARwithT5(args.sonar_checkpoint, config=config, device=self.device)
+        self.config = self.raw_model.config
+        if advice := frame_route_advice(self.config):
             logger.warning(advice)
         self.train_set, self.val_set = self.load_datasets()
         train_embeddings = encode_dataset(self.raw_model, self.train_set)
-        if args.freeze_encoder:  # computed once, reused every epoch and for evaluation
+        if self.config.freeze_encoder:  # computed once, reused every epoch and for evaluation
             self.train_set.sentence_embeddings = train_embeddings
             self.val_set.sentence_embeddings = encode_dataset(self.raw_model, self.val_set)
-        self.raw_model.fit_standardizer(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
+        self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
         self.build_optimizer()
         if resume_from:
             self.restore(resume_from, self.out / "last.pt")
@@ -2554,17 +2655,15 @@ class Trainer:
         if args.compile:
             self.model = torch.compile(self.model)
         if self.world.is_main:
-            save_t5_export(self.raw_model.t5, self.raw_model.tokenizer, self.out / "t5_export", weights=False)
+            self.raw_model.decoder.export(self.out / "t5_export", weights=False)
             self.reporter = RunReporter(report_backends(args.report_to), self.out, args, resume=args.resume)
 
     def load_datasets(self):
-        args, encoder_dim = self.args, self.raw_model.sonar_encoder.input_dim
+        args, config = self.args, self.config
         datasets, skipped = [], []
         for split, manifest, features in data_splits(args):
-            dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
-                                      strict=args.strict, return_frames=args.frame_attention,
-                                      trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
-                                      max_samples=args.max_samples, **frame_source(args), progress=self.world.is_main)
+            dataset = load_split(args, split, manifest, features, config.frame_width, config.frame_attention,
+                                 progress=self.world.is_main)
             dataset.tokenize(self.raw_model, args.max_target_length)
             report_dataset(dataset, manifest)
             lost = dataset.lost_share()
@@ -2587,7 +2686,7 @@ class Trainer:
 
         args = self.args
         groups = parameter_groups(self.raw_model)
-        rates = {"t5": args.learning_rate, "bridge": bridge_learning_rate(args),
+        rates = {"decoder": args.learning_rate, "bridge": bridge_learning_rate(args),
                  "encoder": args.learning_rate * args.encoder_lr_scale}
         self.optimizer = torch.optim.AdamW([{"params": p, "lr": rates[g]} for g, p in groups.items() if p],
                                            weight_decay=args.weight_decay, **fused_adamw(self.device))
@@ -2603,17 +2702,10 @@ class Trainer:
         if not path.is_file():
             logger.info(f"--resume: no {path} yet, starting from scratch.")
             return None
-        checkpoint = safe_torch_load(path, "resume checkpoint")
-        check_model_checkpoint(checkpoint, path, RESUME_KEYS)
-        check_resume_compatible(checkpoint.get("args", {}), self.args, path, self.given)
-        return checkpoint
+        return safe_torch_load(path, "resume checkpoint")
 
     def restore(self, checkpoint, path):
-        parameters = [id(p) for p in self.raw_model.parameters()]
-        load_model_state(self.raw_model, checkpoint["model_state_dict"], path)
-        if [id(p) for p in self.raw_model.parameters()] != parameters:   # rebuilt to fit it: the optimizer has others
-            raise UserError(f"{path}: its bridge is not the one this run's flags build; rerun with the flags it was "
-                            "trained with or use another --output_dir")
+        load_model_state(self.raw_model, checkpoint["model_state_dict"], path)   # built from its config: no rebuild
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
             self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
@@ -2637,7 +2729,7 @@ class Trainer:
         global_batch = args.batch_size * self.world.size * args.grad_accum_steps
         logger.info(f"Training {args.epochs} epochs of {self.steps_per_epoch} steps on {self.device} "
                     f"({self.precision}, {self.world.size} process(es), global batch {global_batch}, "
-                    f"bridge '{args.bridge}' at learning rate {bridge_learning_rate(args):g}, T5 at "
+                    f"bridge '{self.config.bridge}' at learning rate {bridge_learning_rate(args):g}, decoder at "
                     f"{args.learning_rate:g}, {count_trainable(self.raw_model):,} trainable parameters)")
         for epoch in range(self.state.epoch, args.epochs):
             started = time.time()
@@ -2662,7 +2754,7 @@ class Trainer:
     def epoch_batches(self, epoch):
         """This process's training batches of `epoch` (indices), grouped by clip length when frames are read."""
         args = self.args
-        grouped = args.group_by_length and self.raw_model.options["frame_attention"]
+        grouped = args.group_by_length and self.config.frame_attention
         return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world,
                              self.train_set.lengths if grouped else None)
 
@@ -2787,11 +2879,8 @@ class Trainer:
         return record
 
     def report(self, epoch, record, scores, predictions, diagnostics):
-        rouge = f" | ROUGE-L {scores['rouge_l']:.2f}" if scores["rouge_l"] is not None else ""
         logger.info(f"epoch {epoch + 1}/{self.args.epochs}: val loss {record['val_loss']:.4f} | "
-                    f"BLEU {scores['bleu']:.2f} (BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | "
-                    f"chrF {scores['chrf']:.2f}{rouge} | "
-                    f"distinct predictions {diagnostics['distinct_share']:.0%} "
+                    f"{describe_scores(scores)} | distinct predictions {diagnostics['distinct_share']:.0%} "
                     f"({record['eval_clips']} clips)")
         logger.info(f"  sacreBLEU {scores['signature']}")
         logger.info(f"  diagnostics: encoder cosine {diagnostics['encoder_cosine']:.4f} (spread "
@@ -2814,9 +2903,7 @@ class Trainer:
         # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
         predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
         sentences = [p.prediction for p in predictions]
-        results = {"best_epoch": self.state.best["epoch"], "val_bleu": scores["bleu"],
-                   **{f"bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
-                   "val_chrf": scores["chrf"], "val_rouge_l": scores["rouge_l"], "val_loss": loss,
+        results = {"best_epoch": self.state.best["epoch"], **score_record(scores), "val_loss": loss,
                    "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
                    "distinct_share": len(set(sentences)) / max(len(sentences), 1),
                    "val_clips": len(predictions), "skipped_steps": self.state.skipped_steps,
@@ -2827,16 +2914,12 @@ class Trainer:
         if self.world.is_main:
             write_best_predictions(self.out, predictions)
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
-            save_t5_export(self.raw_model.t5, self.raw_model.tokenizer, self.out / "t5_export", weights=True)
-            logger.info(f"Best epoch {results['best_epoch']}: BLEU {results['val_bleu']:.2f} "
-                        f"(BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | chrF "
-                        f"{results['val_chrf']:.2f} | distinct {results['distinct_share']:.0%} | "
-                        f"{scores['signature']}")
-            if results.get("val_rouge_l") is not None or "val_bleurt" in results:
-                logger.info("  " + " | ".join(([f"ROUGE-L {results['val_rouge_l']:.2f} ({ROUGE_SIGNATURE})"]
-                                               if results.get("val_rouge_l") is not None else [])
-                                              + ([f"BLEURT {results['val_bleurt']:.4f} ({self.args.bleurt})"]
-                                                 if "val_bleurt" in results else [])))
+            self.raw_model.decoder.export(self.out / "t5_export", weights=True)
+            logger.info(f"Best epoch {results['best_epoch']}: {describe_scores(scores)} | distinct "
+                        f"{results['distinct_share']:.0%} | {scores['signature']}"
+                        + (f" | ROUGE-L: {ROUGE_SIGNATURE}" if scores["rouge_l"] is not None else ""))
+            if "val_bleurt" in results:
+                logger.info(f"  BLEURT {results['val_bleurt']:.4f} ({self.args.bleurt})")
             logger.info(f"Wrote {best_path}, best_predictions.tsv/.txt, results.json, metrics.jsonl, "
                         f"training_log.json and t5_export/ in {self.out}")
             if self.reporter:
@@ -2868,7 +2951,7 @@ class Trainer:
             train_state=vars(self.state).copy(), rng=rng_state()), self.out / "last.pt")
 
 # ----------------------------------------------------------------------------------------------
-# Experiment tracking (--report_to, the Hugging Face Trainer's convention): params once, metrics per
+# 14. Experiment tracking (--report_to, the Hugging Face Trainer's convention): params once, metrics per
 # evaluation, results and predictions as artifacts. Each backend is an optional package.
 
 REPORT_BACKENDS = ("tensorboard", "mlflow", "wandb")
@@ -2985,110 +3068,12 @@ class RunReporter:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors and primitives (weights-only loadable), versioned
-
-MODEL_KEYS = ("model_state_dict", "model_config", "t5_config")
-RESUME_KEYS = MODEL_KEYS + ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng",
-                            "train_state")
-# Format 1 kept the bridge's weights at the top level of the model; they now live in `bridge.`.
-FORMAT1_RENAMES = (("frame_projection.", "bridge.frame_encoder.frame_projection."),
-                   ("frame_norm.", "bridge.frame_encoder.frame_norm."), ("bridge_blocks.", "bridge.blocks."))
-
-
-def cpu_state_dict(module, keep=None):
-    """State dict on CPU (the entries `keep` accepts); tensors that share storage (tied embeddings) stay shared."""
-    copies, state = {}, {}
-    for name, tensor in module.state_dict().items():
-        if keep is not None and not keep(name):
-            continue
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if key not in copies:
-            copies[key] = tensor.detach().cpu().clone()
-        state[name] = copies[key]
-    return state
-
-
-def model_checkpoint(model, args, **extra):
-    return {"format": CHECKPOINT_FORMAT, "model_state_dict": model.trained_state_dict(),
-            "model_config": model.config_dict(), "t5_config": portable_t5_config(model.decoder_model),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra}
-
-
-def check_model_checkpoint(checkpoint, path, keys=MODEL_KEYS):
-    """A clear error for a file that is not (or not all of) a checkpoint this version can read."""
-    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        raise UserError(f"{path}: not a model checkpoint of this tool (no 'model_state_dict')")
-    if checkpoint.get("format", 1) > CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: saved by a newer version of train_sonar_with_t5.py (checkpoint format "
-                        f"{checkpoint['format']}, this one reads up to {CHECKPOINT_FORMAT}): update the script")
-    missing = [key for key in keys if key not in checkpoint]
-    if missing:
-        raise UserError(f"{path}: this checkpoint lacks {', '.join(missing)} (saved by an older or another "
-                        "script?); rebuild the model with SONARwithT5(...) and load_state_dict, or retrain")
-
-
-def upgrade_state_dict(state):
-    """Keys of a format-1 state dict (bridge weights at the top level) renamed for this version."""
-    if not any(key.startswith("bridge.") for key in state) and "expander" in state:
-        def renamed(key):
-            for old, new in FORMAT1_RENAMES:
-                if key.startswith(old):
-                    return new + key[len(old):]
-            return key if key.startswith(("t5.", "sonar_encoder.")) or key in ("decoder_spec", "model_spec") else "bridge." + key
-        state = {renamed(key): value for key, value in state.items()}
-    return state
-
-
-def load_model_state(model, state_dict, path):
-    try:
-        result = model.load_state_dict(state_dict, strict=False)   # SONARwithT5's: upgrades format-1 keys
-    except RuntimeError as error:  # shape mismatches
-        lines = str(error).splitlines()
-        raise UserError(f"{path}: checkpoint is from another model ({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
-    # A tied T5 stores its input embedding once; the tied copies may be missing.
-    tied = not is_untied(model.t5)
-    missing = [k for k in result.missing_keys if not (tied and k.endswith("lm_head.weight"))
-               and not k.endswith("embed_tokens.weight")]
-    if missing or result.unexpected_keys:
-        raise UserError(f"{path}: checkpoint is from another model (missing keys: "
-                        f"{missing[:5] or 'none'}; unexpected keys: {result.unexpected_keys[:5] or 'none'})")
-
-
-def check_resume_compatible(saved_args, args, path, given=()):
-    """Architecture flags typed on this command line must match last.pt's; the others take last.pt's
-    values (so a run started by an earlier version, whose defaults differed, resumes as it was)."""
-    saved = {name: saved_args.get(name, PREVIOUS_DEFAULTS.get(name)) for name in ARCHITECTURE_FLAGS}
-    adopted = [name for name in ARCHITECTURE_FLAGS if name not in given and saved[name] != getattr(args, name)]
-    for name in adopted:
-        setattr(args, name, saved[name])
-    if adopted:
-        logger.info(f"--resume: as {path} was trained: " + ", ".join(f"--{n} {saved[n]!r}" for n in adopted))
-    differences = [f"--{name} {saved[name]!r} (now {getattr(args, name)!r})"
-                   for name in ARCHITECTURE_FLAGS if saved[name] != getattr(args, name)]
-    if differences:
-        raise UserError(f"cannot resume from {path}: it was trained with " + ", ".join(differences)
-                        + "; rerun with the same flags or use another --output_dir")
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Modes: --check (the guide's Cell 3), --predict, --demo
+# 15. Modes: --check (the guide's Cell 3), --predict, --demo
 
 
 def describe_decoder(name, target_lang):
     """The decoder's family, width and target language, from its config and tokenizer (not its weights)."""
-    config = decoder_config(name)
+    config = read_decoder_config(name)
     language = target_language(load_tokenizer(name, "--t5_model"), target_lang, name)
     return (f"{config.model_type}, d_model {config.d_model}" + (f", target language {language[0]}" if language else "")
             + (" (local folder)" if Path(name).is_dir() else " (hub: downloaded on first use, then cached)"))
@@ -3116,9 +3101,7 @@ def run_check(args):
             print(f"  ERR {split}: features folder not found: {features}")
             continue
         try:
-            dataset = How2SignDataset(manifest, features, feature_dim=encoder_dim, split=split,
-                                      trim_zero_frames=args.trim_zero_frames, feature_fps=args.feature_fps,
-                                      max_samples=args.max_samples, **frame_source(args), progress=True)
+            dataset = load_split(args, split, manifest, features, encoder_dim)
         except UserError as error:
             ok = False
             print(f"  ERR {error}")
@@ -3147,17 +3130,14 @@ def run_predict(args, given):
     contents = safe_torch_load(checkpoint, "model checkpoint")
     model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents,
                                         base=args.t5_model if "t5_model" in given else None)
-    saved = contents.get("args", {})
-    for name in DECODING_FLAGS:  # decode as in training unless this command says otherwise
-        if name not in given and name in saved:
-            setattr(args, name, saved[name])
-    dataset = How2SignDataset(args.manifest, args.features, feature_dim=model.sonar_encoder.input_dim,
-                              split="predict", require_text=args.manifest is not None,
-                              return_frames=model.options["frame_attention"], trim_zero_frames=args.trim_zero_frames,
-                              feature_fps=args.feature_fps, **frame_source(args), progress=True)
+    saved = contents.get("args", {})   # decode as in training unless this command says otherwise
+    decoding = {name: saved[name] if name not in given and name in saved else getattr(args, name)
+                for name in DECODING_DEFAULTS}
+    dataset = load_split(args, "predict", args.manifest, args.features, model.config.frame_width,
+                         model.config.frame_attention, require_text=args.manifest is not None)
     report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
-    predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(args),
+    predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(decoding),
                                   resolve_precision(args.precision, device), with_loss=False, progress=True)
     predictions.sort(key=lambda p: p.index)
     out = Path(args.predictions_file or checkpoint.parent / "predictions.tsv")
@@ -3166,7 +3146,7 @@ def run_predict(args, given):
     logger.info(f"Wrote {len(predictions)} translations to {out}")
     if args.manifest is not None:
         scores = score_predictions(predictions)
-        logger.info(f"BLEU {scores['bleu']:.2f} | chrF {scores['chrf']:.2f} | {scores['signature']}")
+        logger.info(f"{describe_scores(scores)} | {scores['signature']}")
     return 0
 
 
@@ -3227,96 +3207,27 @@ def build_tokenizer(sentences, vocab_size=600):
                                    unk_token="<unk>")
 
 
-def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0, vocab_size=None, untied=False):
-    """A randomly initialised T5 (+ tokenizer) saved in `folder`; vocab_size defaults to the tokenizer's.
-    `untied`: T5 v1.1's shape (gated-GELU feed-forward, an output head of its own)."""
+def build_tiny_t5(tokenizer, folder, d_model=128, layers=2, heads=4, seed=0, vocab_size=None):
+    """A randomly initialised T5 (+ tokenizer) saved in `folder`; vocab_size defaults to the tokenizer's."""
     from transformers import T5Config
 
     torch.manual_seed(seed)
     config = T5Config(vocab_size=vocab_size or len(tokenizer), d_model=d_model, d_ff=4 * d_model, d_kv=d_model // heads,
                       num_heads=heads, num_layers=layers, num_decoder_layers=layers, dropout_rate=0.1,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                      feed_forward_proj="gated-gelu" if untied else "relu", tie_word_embeddings=not untied)
-    t5 = t5_from_config(json.loads(config.to_json_string()), untied)
-    if untied:   # an output head that differs from the embedding, as a trained v1.1 model has
-        nn.init.normal_(t5.lm_head.weight, std=d_model ** -0.5)
-    save_t5_export(t5, tokenizer, folder, weights=True)
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    save_export(decoder_from_config(json.loads(config.to_json_string())), tokenizer, folder, weights=True)
     return folder
 
 
-TINY_FAMILIES = {   # family -> (model_type, language codes added to the tokenizer, scaled token embeddings)
-    "t5": ("t5", (), False), "mt5": ("mt5", (), False), "bart": ("bart", (), False),
-    "mbart": ("mbart", ("en_XX", "fr_XX", "de_DE"), True), "nllb": ("m2m_100", ("eng_Latn", "fra_Latn", "deu_Latn"), True)}
-
-
-def build_tiny_seq2seq(tokenizer, folder, family="t5", d_model=128, layers=2, heads=4, seed=0):
-    """A randomly initialised model of a family (TINY_FAMILIES) and its tokenizer, saved in `folder`,
-    loadable offline like the hub's: mt5 is T5 v1.1-shaped; nllb is M2M100 (NLLB-200's architecture)
-    and mbart mBART-50, each with language-code tokens; they start decoding from </s>, as theirs do."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    if family == "t5":
-        return build_tiny_t5(tokenizer, folder, d_model, layers, heads, seed)
-    model_type, codes, scaled = TINY_FAMILIES[family]
-    tokenizer = copy.deepcopy(tokenizer)
-    if codes:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(codes)})
-    torch.manual_seed(seed)
-    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    if model_type == "mt5":
-        config = AutoConfig.for_model("mt5", d_model=d_model, d_ff=4 * d_model, d_kv=d_model // heads, num_heads=heads,
-                                      num_layers=layers, num_decoder_layers=layers, feed_forward_proj="gated-gelu",
-                                      tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id, **ids)
-    else:
-        config = AutoConfig.for_model(model_type, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-                                      encoder_attention_heads=heads, decoder_attention_heads=heads,
-                                      encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
-                                      max_position_embeddings=512, scale_embedding=scaled, bos_token_id=tokenizer.eos_token_id,
-                                      encoder_layerdrop=0.0, decoder_layerdrop=0.0, forced_eos_token_id=tokenizer.eos_token_id,
-                                      decoder_start_token_id=tokenizer.eos_token_id, **ids)
-    model = t5_from_config(json.loads(config.to_json_string()), untied=model_type == "mt5")
-    if model_type == "mt5":   # an output head that differs from the embedding, as a trained mT5 has
-        nn.init.normal_(model.lm_head.weight, std=d_model ** -0.5)
-    save_t5_export(model, tokenizer, folder, weights=True)
-    return folder
-
-
-def write_video_layout(root, split, clips, sentences, rng, rest_frame, per_video=15):
-    """The users' video-level layout: one file per VIDEO (its sentences' clips in a row, with 0-3 rest
-    frames between them), a TSV in their format (id = video, duration = start second, rows in
-    sentence-name order) and How2Sign's official CSV with exact START/END_REALIGNED spans."""
-    folder = root / "features" / split
-    folder.mkdir(parents=True, exist_ok=True)
-    tsv, official = ["id\tduration\ttext"], []
-    for video_number, first in enumerate(range(0, len(clips), per_video)):
-        video, parts, offset = f"demo_{split}_video{video_number:03d}", [], 0
-        for k, i in enumerate(range(first, min(first + per_video, len(clips)))):
-            gap = int(rng.integers(0, 4))
-            parts += [np.repeat(rest_frame[None], gap, axis=0), clips[i]]
-            start, end = (offset + gap) / DEMO_FPS, (offset + gap + len(clips[i])) / DEMO_FPS
-            offset += gap + len(clips[i])
-            official.append((video, f"{video}_{k}-rgb_front", start, end, sentences[i]))
-        np.save(folder / f"{video}.npy", np.concatenate(parts).astype(np.float32))
-    official.sort(key=lambda row: row[1])                             # sentence-name order: _0, _1, _10, _11, _2
-    tsv += [f"{video}\t{start:.4f}\t{text}" for video, _, start, _, text in official]
-    (root / "manifests").mkdir(exist_ok=True)
-    (root / "manifests" / f"{split}.tsv").write_text("\n".join(tsv) + "\n")
-    (root / "manifests" / f"how2sign_realigned_{split}.csv").write_text(
-        "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE\n" + "".join(
-            f"{video[:-8]}\t{video}\t{name}\t{name}\t{start:.4f}\t{end:.4f}\t{text}\n"
-            for video, name, start, end, text in official))
-
-
-def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
-                   t5_folder="t5-tiny", target_cosine=0.99, messy=True, sentences=None, layout="clips"):
+def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0, t5_folder="t5-tiny", messy=True,
+                   sentences=None):
     """Write a How2Sign-shaped project: features/{train,val}/<id>.npy, manifests/{train,val}.tsv,
     data/How2Sign_val.json, an encoder checkpoint in the users' format, and a tiny T5 + tokenizer.
 
     Each word has a "sign" (a random vector shown over 2-4 noisy frames); every frame also carries a
     large component shared by all clips, scaled until the frozen encoder's embeddings of different
-    clips reach a mean pairwise cosine >= target_cosine, as the users' real encoder does.
-    layout="videos" writes what the users really have instead: one file per video of ~15 sentences,
-    a video-level TSV and How2Sign's CSV (write_video_layout).
+    clips reach a mean pairwise cosine >= 0.99, as the users' real encoder does. `messy`: the train
+    manifest also has a row with an empty id and one whose clip is missing, as real ones do.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -3330,12 +3241,12 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
                   for w in re.findall(r"[\w']+", sentence.lower())]
         clips.append(np.concatenate(frames).astype(np.float32))
     torch.manual_seed(seed)
-    encoder = SonarEncoder((feature_dim, 512, 512, 1024))
+    encoder = SentenceEncoder((feature_dim, 512, 512, 1024))
     encoder.eval()
     probe = torch.stack([torch.from_numpy(c.mean(0)) for c in clips[:200]])
     scale = 1.0
     with torch.no_grad():  # grow the shared component until the encoder barely tells clips apart
-        while mean_pairwise_cosine(encoder(probe + scale * torch.from_numpy(shared))) < target_cosine:
+        while mean_pairwise_cosine(encoder(probe + scale * torch.from_numpy(shared))) < 0.99:
             scale *= 1.25
     (root / "checkpoints" / "sonar_encoder_finetuned").mkdir(parents=True, exist_ok=True)
     encoder_path = root / "checkpoints" / "sonar_encoder_finetuned" / "best_encoder.pt"
@@ -3344,10 +3255,6 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
     splits = {"train": range(num_train), "val": range(num_train, num_train + num_val)}
     json_rows = []
     for split, indices in splits.items():
-        if layout == "videos":
-            write_video_layout(root, split, [clips[i] + scale * shared for i in indices],
-                               [sentences[i] for i in indices], rng, scale * shared)
-            continue
         folder = root / "features" / split
         folder.mkdir(parents=True, exist_ok=True)
         lines = ["id\tduration\ttext"]
@@ -3371,37 +3278,49 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0,
         cosine = mean_pairwise_cosine(encoder(probe + scale * torch.from_numpy(shared)))
     (root / "READY").write_text(json.dumps({"encoder_cosine": cosine}))   # written last: data complete
     return {"root": root, "encoder": encoder_path, "t5": root / t5_folder if t5_folder else None,
-            "encoder_cosine": cosine, "vocabulary": len(vocabulary)}
+            "encoder_cosine": cosine, "vocabulary": len(vocabulary), "sentences": sentences,
+            "clips": [clip + scale * shared for clip in clips], "rest_frame": scale * shared}
 
 
-def prepare_demo(args, given):
-    """--demo: generate the data once under <output_dir>/demo_data and point the flags at it."""
-    root = Path(args.output_dir) / "demo_data"
+DEMO_SETTINGS = dict(epochs=30, batch_size=32, learning_rate=1e-3, warmup_steps=100, eval_every=5)
+
+
+def demo_defaults(output_dir):
+    """--demo's flag defaults: the generated data under <output_dir>/demo_data and faster settings."""
+    root = Path(output_dir) / "demo_data"
+    return {"sonar_checkpoint": str(root / "checkpoints" / "sonar_encoder_finetuned" / "best_encoder.pt"),
+            "t5_model": str(root / "t5-tiny"), **DEMO_SETTINGS,
+            **{f"{split}_{kind}": str(root / folder / split) + suffix for split in ("train", "val")
+               for kind, folder, suffix in (("features", "features", ""), ("manifest", "manifests", ".tsv"))}}
+
+
+def prepare_demo(output_dir, world):
+    """--demo: generate the data once under <output_dir>/demo_data (torchrun's other processes wait for it)."""
+    root = Path(output_dir) / "demo_data"
     ready = root / "READY"
-    if not ready.is_file() and int(os.environ.get("RANK", "0")) == 0:
+    if not ready.is_file() and world.is_main:
         logger.info(f"Generating the demo dataset in {root} (offline, about a minute)...")
         info = make_demo_data(root)
         logger.info(f"  {info['vocabulary']} words; frozen embeddings' mean pairwise cosine "
                     f"{info['encoder_cosine']:.4f} (like the users' encoder)")
-    for _ in range(600):  # other torchrun processes wait for rank 0's data
+    for _ in range(600):
         if ready.is_file():
             break
         time.sleep(1)
-    args.sonar_checkpoint = str(root / "checkpoints" / "sonar_encoder_finetuned" / "best_encoder.pt")
-    for split in ("train", "val"):
-        setattr(args, f"{split}_features", str(root / "features" / split))
-        setattr(args, f"{split}_manifest", str(root / "manifests" / f"{split}.tsv"))
-    if "t5_model" not in given:
-        args.t5_model = str(root / "t5-tiny")
-    for name, value in DEMO_SETTINGS.items():
-        if name not in given:
-            setattr(args, name, value)
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# 16. Command line
 
-DEMO_SETTINGS = dict(epochs=30, batch_size=32, learning_rate=1e-3, warmup_steps=100, eval_every=5)
+
+def add_config_flags(group, section):
+    """The flags of ModelConfig's fields of one section, with their defaults and help."""
+    for f in dataclasses.fields(ModelConfig):
+        if f.metadata.get("group") == section:
+            kind = f.type.split(" | ")[0]
+            options = (dict(action=argparse.BooleanOptionalAction) if kind == "bool" else
+                       dict(type={"int": int, "float": float, "str": str}[kind], choices=f.metadata["choices"]))
+            group.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **options)
 
 
 def build_parser():
@@ -3419,10 +3338,7 @@ def build_parser():
     g.add_argument("--output_dir", default=None,
                    help="where checkpoints, predictions, metrics and logs go (default checkpoints/sonar_t5, "
                         "demo_output with --demo)")
-    g.add_argument("--t5_model", default=DEFAULT_T5,
-                   help="the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub name or local "
-                        "folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
-                        "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
+    add_config_flags(g, "paths")
     g.add_argument("--log_file", default=None, help="log file (default <output_dir>/train.log)")
 
     g = p.add_argument_group("data")
@@ -3445,64 +3361,9 @@ def build_parser():
                    help="--no-frame_store: keep up to this many GB of frames in memory (fp16); the rest "
                         "are read from disk at every step")
 
-    g = p.add_argument_group("bridge (see --help of each; the guide's troubleshooting knobs)")
-    g.add_argument("--bridge", choices=BRIDGE_KINDS, default=MODEL_DEFAULTS["bridge"],
-                   help="prefix_memory: per-query content refined by attention; memory: memory tokens + "
-                        "attention; prefix: MLP prefix, no attention; guide: the guide's single-key attention "
-                        "(collapses)")
-    g.add_argument("--num_queries", type=int, default=MODEL_DEFAULTS["num_queries"],
-                   help="learnable query tokens (expander length) fed to T5")
-    g.add_argument("--num_heads", type=int, default=MODEL_DEFAULTS["num_heads"], help="attention heads")
-    g.add_argument("--bridge_layers", type=int, default=MODEL_DEFAULTS["bridge_layers"], help="bridge depth")
-    g.add_argument("--memory_tokens", type=int, default=MODEL_DEFAULTS["memory_tokens"],
-                   help="key/value tokens projected from the embedding")
-    g.add_argument("--bridge_ff_dim", type=int, default=MODEL_DEFAULTS["bridge_ff_dim"],
-                   help="bridge feed-forward and prefix MLP width (0: 4 x d_model)")
-    g.add_argument("--bridge_dropout", type=float, default=MODEL_DEFAULTS["bridge_dropout"], help="bridge dropout")
-    g.add_argument("--bridge_layernorm", action=argparse.BooleanOptionalAction,
-                   default=MODEL_DEFAULTS["bridge_layernorm"],
-                   help="LayerNorm on the bridge output, scaled to T5's embedding scale")
-    g.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=MODEL_DEFAULTS["standardize"],
-                   help="standardise the frozen embedding (and frames) with training-set mean/std")
-    g.add_argument("--frame_attention", action=argparse.BooleanOptionalAction,
-                   default=MODEL_DEFAULTS["frame_attention"],
-                   help="the clip's frames (standardised, strided, with positions) go to T5 beside the bridge's "
-                        "tokens (--frame_route), and the bridge's queries attend to them too (--no-frame_attention: the "
-                        "sentence embedding only)")
-    g.add_argument("--frame_stride", type=int, default=MODEL_DEFAULTS["frame_stride"],
-                   help="temporal striding: one frame token every this many frames")
-    g.add_argument("--frame_kernel", type=int, default=MODEL_DEFAULTS["frame_kernel"],
-                   help="consecutive frames that make one frame token (at least --frame_stride)")
-    g.add_argument("--frame_route", choices=FRAME_ROUTE_CHOICES, default=MODEL_DEFAULTS["frame_route"],
-                   help="where the frame tokens go: 'cross_attention' (beside the encoder's output, straight into "
-                        "the decoder's cross-attention: the encoder reads only the bridge's tokens), 'encoder' (the "
-                        "decoder's encoder reads them after the bridge's tokens; slower), or 'auto': cross_attention "
-                        "for T5 and mT5 decoders, encoder for the others (BART, M2M100 / NLLB-200), as measured")
-    g.add_argument("--frame_memory_layers", type=int, default=MODEL_DEFAULTS["frame_memory_layers"],
-                   help="with --frame_route cross_attention: self-attention layers over the frame tokens first")
-    g.add_argument("--frame_memory_ff_dim", type=int, default=MODEL_DEFAULTS["frame_memory_ff_dim"],
-                   help="feed-forward width of those layers (0: the bridge's, 4 x d_model, over "
-                        "--frame_memory_divisor; a narrower one is faster and scored lower in bench/quality.py)")
-    g.add_argument("--frame_memory_divisor", type=int, default=MODEL_DEFAULTS["frame_memory_divisor"],
-                   help="run those layers at d_model / this width, projected down and back up (1: at d_model)")
-    g.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the sentence encoder frozen (--no-freeze_encoder trains it at a lower rate)")
-    g.add_argument("--prefix_dim", type=int, default=MODEL_DEFAULTS["prefix_dim"],
-                   help=f"hidden width of the prefix MLP (0: the feed-forward width, or {ADAPTER_PREFIX_DIM} with "
-                        "--freeze_t5 / --lora_rank, which keeps their checkpoints small)")
-
-    g = p.add_argument_group("decoder (--t5_model)")
-    g.add_argument("--target_lang", default=None,
-                   help="a multilingual decoder's target language code (NLLB eng_Latn, mBART-50 en_XX, M2M100 "
-                        "en): labels start with it and generation is forced to start with it; default English")
-    g.add_argument("--freeze_t5", action="store_true",
-                   help="keep the decoder's weights frozen: only the bridge (and frame path) train; checkpoints "
-                        "hold those plus the base model's name and fingerprint, not its weights")
-    g.add_argument("--lora_rank", type=int, default=0,
-                   help="train LoRA adapters of this rank on the decoder's attention (needs peft), the base frozen")
-    g.add_argument("--lora_alpha", type=int, default=0, help="LoRA scaling alpha (0: 2 x --lora_rank)")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute the decoder's activations in the backward pass: less memory, ~30%% slower")
+    for group, title in (("bridge", "bridge (the guide's troubleshooting knobs)"), ("frames", "frames"),
+                         ("decoder", "decoder (--t5_model)")):
+        add_config_flags(p.add_argument_group(title), group)
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="training epochs")
@@ -3591,17 +3452,36 @@ def explicit_flags(argv):
     return set(vars(parser.parse_args(argv)))
 
 
+def parse_args(argv):
+    """(the flags, the names of those typed): --output_dir's default, and under --demo the demo's defaults
+    (its generated data, faster settings), are set before parsing, so nothing changes the flags after it."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    output_dir = first.output_dir or ("demo_output" if first.demo else "checkpoints/sonar_t5")
+    parser.set_defaults(output_dir=output_dir, **(demo_defaults(output_dir) if first.demo else {}))
+    return parser.parse_args(argv), explicit_flags(argv)
+
+
+RULES = {"at least 1": lambda v: v >= 1, "0 or more": lambda v: v >= 0, "positive": lambda v: v > 0,
+         "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
+    **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
+                     "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
+    **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
+                     "no_repeat_ngram_size", "frame_cache_gb"), "0 or more"),
+    **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
+                     "length_penalty", "bridge_learning_rate", "bridge_lr_scale", "feature_fps"), "positive"),
+    "label_smoothing": "in [0, 1)", "top_p": "in (0, 1]", "max_skip_share": "in [0, 1]"}
+
+
 def validate_args(args):
     """Every problem with the flags at once, before any work starts."""
     problems = []
-    for name in ("epochs", "batch_size", "grad_accum_steps", "num_queries", "num_heads", "bridge_layers", "frame_stride", "frame_kernel",
-                 "frame_memory_divisor",
-                 "memory_tokens", "eval_every", "eval_batch_size", "num_beams", "max_new_tokens",
-                 "max_target_length", "max_bad_steps"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.frame_memory_layers < 0:
-        problems.append(f"--frame_memory_layers must be at least 0 (got {args.frame_memory_layers})")
+    rules = {**FLAG_RULES, **{f.name: f.metadata["rule"] for f in dataclasses.fields(ModelConfig) if f.metadata.get("rule")}}
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is not None and not RULES[rule](value):
+            problems.append(f"--{name} must be {rule} (got {value})")
     if args.frame_kernel < args.frame_stride:
         problems.append(f"--frame_kernel {args.frame_kernel} must be at least --frame_stride {args.frame_stride} "
                         "(frames between windows would be skipped)")
@@ -3609,32 +3489,12 @@ def validate_args(args):
         problems.append("--freeze_t5 and --lora_rank: LoRA already keeps the base frozen; use one of them")
     if args.lora_rank and not args.check and not args.predict and importlib.util.find_spec("peft") is None:
         problems.append("--lora_rank needs the peft package: pip install peft")
-    if args.max_samples is not None and args.max_samples < 1:
-        problems.append(f"--max_samples must be at least 1 (got {args.max_samples})")
     if not args.check and not args.predict:
         explicit = [name for name in dict.fromkeys(args.report_to) if name in REPORT_BACKENDS]
         problems += [message for message in map(backend_missing, explicit) if message]
         if args.bleurt and importlib.util.find_spec("bleurt_pytorch") is None:
             problems.append("--bleurt needs the bleurt-pytorch package: pip install "
                             "git+https://github.com/lucadiliello/bleurt-pytorch.git (or leave out --bleurt)")
-    for name in ("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                 "bridge_ff_dim", "frame_memory_ff_dim", "no_repeat_ngram_size", "frame_cache_gb", "prefix_dim", "lora_rank", "lora_alpha"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
-    for name in ("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
-                 "length_penalty"):
-        if not getattr(args, name) > 0:
-            problems.append(f"--{name} must be positive (got {getattr(args, name)})")
-    for name in ("bridge_learning_rate", "bridge_lr_scale", "feature_fps"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            problems.append(f"--{name} must be positive (got {getattr(args, name)})")
-    for name, low, high in (("label_smoothing", 0, 1), ("bridge_dropout", 0, 1)):
-        if not low <= getattr(args, name) < high:
-            problems.append(f"--{name} must be in [{low}, {high}) (got {getattr(args, name)})")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
-    if not 0 <= args.max_skip_share <= 1:
-        problems.append(f"--max_skip_share must be in [0, 1] (got {args.max_skip_share})")
     try:
         resolve_device(args.device)
     except UserError as error:
@@ -3680,22 +3540,19 @@ def setup_logging(log_file, is_main):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    given = explicit_flags(argv)
-    args.output_dir = args.output_dir or ("demo_output" if args.demo else "checkpoints/sonar_t5")
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    args, given = parse_args(sys.argv[1:] if argv is None else list(argv))
     log_file = None if (args.check or args.predict) else (args.log_file or Path(args.output_dir) / "train.log")
-    setup_logging(log_file, is_main)
+    setup_logging(log_file, World.env_rank() == 0)
     try:
         validate_args(args)
         if args.check:
             return run_check(args)
         if args.predict:
             return run_predict(args, given)
+        world = setup_world(args.device)
         if args.demo:
-            prepare_demo(args, given)
-        trainer = Trainer(args, setup_world(args.device), given)
+            prepare_demo(args.output_dir, world)
+        trainer = Trainer(args, world, given)
         trainer.setup()
         trainer.fit()
         return 0

@@ -16,15 +16,16 @@ for kind in tied untied nllb_frozen bart_lora; do
     "$train/bin/python" - "$out" "$kind" <<'PY'
 import sys, os
 sys.path.insert(0, os.environ["ROOT"])
-import train_sonar_with_t5 as tsw, transformers
+sys.path.insert(0, os.environ["ROOT"] + "/tests")
+import train_sonar_with_t5 as tsw, tiny, transformers
 from transformers import AutoTokenizer
 out, kind = sys.argv[1], sys.argv[2]
 tsw.make_demo_data(out, num_train=48, num_val=12, feature_dim=64, t5_folder="t5")
 if kind == "untied":
-    tsw.build_tiny_t5(AutoTokenizer.from_pretrained(f"{out}/t5"), f"{out}/t5", untied=True)
+    tiny.build_untied_t5(AutoTokenizer.from_pretrained(f"{out}/t5"), f"{out}/t5")
 decoder = {"nllb_frozen": ("nllb", ["--freeze_t5"]), "bart_lora": ("bart", ["--lora_rank", "4"])}.get(kind)
 if decoder:
-    tsw.build_tiny_seq2seq(AutoTokenizer.from_pretrained(f"{out}/t5"), f"{out}/decoder", decoder[0], d_model=64)
+    tiny.build_tiny_seq2seq(AutoTokenizer.from_pretrained(f"{out}/t5"), f"{out}/decoder", decoder[0], d_model=64)
 code = tsw.main(["--sonar_checkpoint", f"{out}/checkpoints/sonar_encoder_finetuned/best_encoder.pt",
     "--train_features", f"{out}/features/train", "--train_manifest", f"{out}/manifests/train.tsv",
     "--val_features", f"{out}/features/val", "--val_manifest", f"{out}/manifests/val.tsv", "--t5_model", f"{out}/decoder" if decoder else f"{out}/t5",

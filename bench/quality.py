@@ -55,6 +55,9 @@ import torch  # noqa: E402
 
 import train_sonar_with_t5 as tsw  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import tiny  # noqa: E402
+
 NUM_TRAIN, NUM_VAL = 2100, 250
 HIGH_LR = ["--epochs", "30", "--batch_size", "32", "--learning_rate", "1e-3", "--warmup_steps", "100"]
 CELL5 = ["--epochs", "2", "--batch_size", "16", "--learning_rate", "5e-5", "--warmup_steps", "100"]
@@ -217,9 +220,9 @@ def family_decoder(root, name):
     folder = root / name
     if name in FAMILY_DECODERS and not (folder / "config.json").is_file():
         from transformers import AutoTokenizer
-        tsw.build_tiny_seq2seq(AutoTokenizer.from_pretrained(root / "t5-random"), folder, FAMILY_DECODERS[name],
-                               d_model=PRETRAIN["d_model"], layers=PRETRAIN["layers"], heads=PRETRAIN["heads"],
-                               seed=PRETRAIN["seed"])
+        tiny.build_tiny_seq2seq(AutoTokenizer.from_pretrained(root / "t5-random"), folder, FAMILY_DECODERS[name],
+                                d_model=PRETRAIN["d_model"], layers=PRETRAIN["layers"], heads=PRETRAIN["heads"],
+                                seed=PRETRAIN["seed"])
     return folder
 
 

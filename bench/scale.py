@@ -56,7 +56,7 @@ def make_data(root, clips, dim=768, seed=0):
             lines.append(f"clip{i:06d}\t4.0\t{sentences[i]}")
         (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     torch.manual_seed(seed)
-    torch.save({"encoder_state_dict": tsw.SonarEncoder((dim, 512, 512, 1024)).state_dict()}, root / "encoder.pt")
+    torch.save({"encoder_state_dict": tsw.SentenceEncoder((dim, 512, 512, 1024)).state_dict()}, root / "encoder.pt")
     tsw.build_tiny_t5(tsw.build_tokenizer(sentences), root / "t5")
     ready.write_text(json.dumps({"clips": clips, "dim": dim}))
 

@@ -96,7 +96,7 @@ def make_data(root, shape, num_clips, feature_dim=256, seed=0):
     val_clips = 64 if shape["d_model"] <= 128 else 32                    # evaluation throughput
     (root / "val.tsv").write_text("\n".join(lines[: val_clips + 1]) + "\n")
     torch.manual_seed(seed)
-    torch.save(tsw.SonarEncoder((feature_dim, 512, 512, 1024)).state_dict(), root / "encoder.pt")
+    torch.save(tsw.SentenceEncoder((feature_dim, 512, 512, 1024)).state_dict(), root / "encoder.pt")
     tokenizer = tsw.build_tokenizer(sentences)
     tsw.build_tiny_t5(tokenizer, root / "t5", d_model=shape["d_model"], layers=shape["layers"], heads=shape["heads"],
                       seed=seed, vocab_size=shape["vocab"])
@@ -422,12 +422,11 @@ def checkpoint_sizes_table():
     rows = []
     for name, (model_type, config) in REAL_SHAPES.items():
         torch.manual_seed(0)
-        decoder = tsw.t5_from_config(json.loads(AutoConfig.for_model(model_type, **config).to_json_string()))
+        decoder = tsw.decoder_from_config(json.loads(AutoConfig.for_model(model_type, **config).to_json_string()))
         decoder_mb = sum(p.numel() * p.element_size() for p in decoder.parameters()) / 2 ** 20
         for mode, options in (("frozen", dict(freeze_t5=True)), ("lora_r8", dict(lora_rank=8))):
-            model = tsw.SONARwithT5(None, name, device="cpu", t5=tsw.copy.deepcopy(decoder), tokenizer=tokenizer,
-                                    encoder_dims=(768, 512, 512, 1024), feature_dim=768,
-                                    prefix_dim=tsw.ADAPTER_PREFIX_DIM, **options)
+            model = tsw.SONARwithT5(None, name, device="cpu", decoder=tsw.copy.deepcopy(decoder), tokenizer=tokenizer,
+                                    encoder_dims=(768, 512, 512, 1024), feature_dim=768, **options)
             with tempfile.NamedTemporaryFile() as f:
                 torch.save(tsw.model_checkpoint(model, argparse.Namespace()), f.name)
                 size = Path(f.name).stat().st_size / 2 ** 20

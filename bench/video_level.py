@@ -4,7 +4,7 @@
 
 The demo's data (2,200 train / 200 val sentences, frozen-embedding cosine 0.99) written twice from
 the same clips: one file per sentence, and one file per video of 15 sentences with 0-3 rest frames
-between them (the users' layout; `make_demo_data(layout="videos")`). Trained with the demo's flags
+between them (the users' layout; `tests/tiny.py`'s make_video_project). Trained with the demo's flags
 (30 epochs, batch 32, LR 1e-3), seed 42, on:
   per_sentence   manifests/{train,val}.tsv with per-sentence files (what --demo trains on)
   csv_spans      How2Sign's CSV, spans from START_REALIGNED/END_REALIGNED (--feature_fps 8)
@@ -27,6 +27,9 @@ import torch  # noqa: E402
 
 import train_sonar_with_t5 as tsw  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import tiny  # noqa: E402
+
 FPS = str(tsw.DEMO_FPS)
 
 
@@ -38,9 +41,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    for layout in ("clips", "videos"):
-        if not (out / layout / "READY").is_file():
-            tsw.make_demo_data(out / layout, layout=layout, t5_folder="t5-tiny" if layout == "clips" else None)
+    if not (out / "clips" / "READY").is_file():
+        tsw.make_demo_data(out / "clips")
+    if not (out / "videos" / "READY").is_file():
+        tiny.make_video_project(out / "videos", t5_folder=None)
     runs = {
         "per_sentence": ("clips", "{split}.tsv", []),
         "csv_spans": ("videos", "how2sign_realigned_{split}.csv", ["--feature_fps", FPS]),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import tiny
 from conftest import quick_flags, tsw
 
 
@@ -71,21 +72,21 @@ def untied_project(project_template, tmp_path_factory):
     root = tmp_path_factory.mktemp("untied") / "project"
     shutil.copytree(project_template["root"], root)
     shutil.rmtree(root / "t5-small")
-    tsw.build_tiny_t5(AutoTokenizer.from_pretrained(project_template["t5"]), root / "t5-small", untied=True)
+    tiny.build_untied_t5(AutoTokenizer.from_pretrained(project_template["t5"]), root / "t5-small")
     return root
 
 
 def test_untied_t5_stays_untied(untied_project):
-    t5, _ = tsw.load_t5(untied_project / "t5-small")
+    t5, _ = tsw.load_decoder(untied_project / "t5-small")
     assert tsw.is_untied(t5) and not tsw.scales_decoder_output(t5.config)
     assert t5.config.feed_forward_proj == "gated-gelu"
     assert not torch.equal(t5.lm_head.weight, t5.shared.weight)
-    config = tsw.portable_t5_config(t5)
+    config = tsw.portable_config(t5)
     # a config written by transformers 4.x (tie_word_embeddings False) and one by 5.x (tied + no scaling)
     for saved in ({**config, "tie_word_embeddings": False, "scale_decoder_outputs": None},
                   {**config, "tie_word_embeddings": True, "scale_decoder_outputs": False}):
         saved = {k: v for k, v in saved.items() if v is not None}
-        rebuilt = tsw.t5_from_config(saved)
+        rebuilt = tsw.decoder_from_config(saved)
         assert tsw.is_untied(rebuilt) and not tsw.scales_decoder_output(rebuilt.config)
 
 
@@ -95,7 +96,7 @@ def test_loss_equals_t5s_own_loss(project_template, untied_project, untied):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
     folder = untied_project / "t5-small" if untied else project_template["t5"]
     model = tsw.SONARwithT5(project_template["encoder"], device="cpu",
-                            t5=T5ForConditionalGeneration.from_pretrained(folder),
+                            decoder=T5ForConditionalGeneration.from_pretrained(folder),
                             tokenizer=AutoTokenizer.from_pretrained(folder), frame_route="encoder").eval()
     assert tsw.is_untied(model.t5) == untied
     dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
@@ -104,7 +105,7 @@ def test_loss_equals_t5s_own_loss(project_template, untied_project, untied):
     batch = tsw.collate_clips([dataset[i] for i in range(5)])
     assert (batch["labels"] == -100).any()              # padding present
     ours, tokens = model(batch)
-    inputs_embeds, mask = model.t5_inputs(batch)
+    inputs_embeds, mask = model.encoder_inputs(batch)[:2]
     reference = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch["labels"]).loss
     assert torch.allclose(ours, reference, atol=1e-5)
     assert tokens == (batch["labels"] != -100).sum()
@@ -114,7 +115,7 @@ def test_untied_model_predicts_from_its_checkpoint_alone(untied_project, tmp_pat
     out = untied_project / "run"
     assert tsw.main(quick_flags(untied_project, out, "--epochs", "3")) == 0
     saved = torch.load(out / "best_model.pt")
-    head, embedding = saved["model_state_dict"]["t5.lm_head.weight"], saved["model_state_dict"]["t5.shared.weight"]
+    head, embedding = saved["model_state_dict"]["decoder.t5.lm_head.weight"], saved["model_state_dict"]["decoder.t5.shared.weight"]
     assert not torch.equal(head, embedding)
     exported = json.loads((out / "t5_export/config.json").read_text())
     assert exported["tie_word_embeddings"] is False                     # 4.x reads this one
@@ -183,9 +184,9 @@ def test_a_cut_metrics_line_does_not_stop_resume(project, capsys):
 
 
 def test_foreign_checkpoints_are_one_line(project, tmp_path, capsys):
-    torch.save({"model_state_dict": {"expander": torch.zeros(2)}}, tmp_path / "old.pt")
-    assert tsw.main(["--predict", "--checkpoint", str(tmp_path / "old.pt"), "--features", "features/val"]) == 2
-    assert "lacks model_config, t5_config" in one_error_line(capsys)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    assert tsw.main(["--predict", "--checkpoint", str(tmp_path / "foreign.pt"), "--features", "features/val"]) == 2
+    assert "not a model checkpoint of this tool" in one_error_line(capsys)
     out = project / "run"
     flags = quick_flags(project, out, "--epochs", "1")
     assert tsw.main(flags) == 0
@@ -195,19 +196,34 @@ def test_foreign_checkpoints_are_one_line(project, tmp_path, capsys):
     assert tsw.main(flags + ["--resume"]) == 2
     assert "lacks scheduler_state_dict" in one_error_line(capsys)
     newer = torch.load(out / "best_model.pt")
-    torch.save({**newer, "format": tsw.CHECKPOINT_FORMAT + 1}, tmp_path / "newer.pt")
+    newer["model_state_dict"]["_extra_state"]["format"] = tsw.CHECKPOINT_FORMAT + 1
+    torch.save(newer, tmp_path / "newer.pt")
     assert tsw.main(["--predict", "--checkpoint", str(tmp_path / "newer.pt"), "--features", "features/val"]) == 2
     assert "saved by a newer version" in one_error_line(capsys)
 
 
-def test_format1_checkpoint_keys_are_upgraded(project_template):
-    model = demo_model(project_template, bridge="memory")
-    old = {("bridge_blocks." + k[len("bridge.blocks."):] if k.startswith("bridge.blocks.") else
-            k[len("bridge."):] if k.startswith("bridge.") else k): v for k, v in model.state_dict().items()}
-    assert "expander" in old and "bridge_blocks.0.attention.in_proj_weight" in old
-    fresh = demo_model(project_template, bridge="memory")
-    fresh.load_state_dict(old)                                     # strict, as Cell 7 does
-    assert torch.equal(fresh.expander, model.expander)
+def test_checkpoints_of_an_earlier_version_are_refused_in_one_line(project, tmp_path, capsys):
+    """A state dict without this version's configuration (the previous format: options in uint8 buffers,
+    no `_extra_state`) is refused by its format number: by --predict, --resume and Cell 7's load_state_dict."""
+    out = project / "run"
+    flags = quick_flags(project, out, "--epochs", "1")
+    assert tsw.main(flags) == 0
+    for name in ("best_model.pt", "last.pt"):       # as the previous version wrote them
+        checkpoint = torch.load(out / name)
+        state = checkpoint["model_state_dict"]
+        del state["_extra_state"]
+        state["model_spec"] = state["decoder_spec"] = torch.zeros(3, dtype=torch.uint8)
+        torch.save({**checkpoint, "format": 2}, out / name)
+    capsys.readouterr()
+    assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features", "features/val"]) == 2
+    line = one_error_line(capsys)
+    assert "best_model.pt: saved by an earlier version of this tool; retrain with this one" in line
+    assert tsw.main(flags + ["--epochs", "2", "--resume"]) == 2
+    assert "last.pt: saved by an earlier version of this tool" in one_error_line(capsys)
+    model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                            str(project / "t5-small"), device="cpu")
+    with pytest.raises(tsw.UserError, match="saved by an earlier version of this tool"):
+        model.load_state_dict(torch.load(out / "best_model.pt")["model_state_dict"])
 
 
 def test_unreadable_clip_during_frame_attention_keeps_last_epoch(project, monkeypatch, capsys):
@@ -232,7 +248,7 @@ def test_out_of_memory_outside_the_training_step_is_one_line(project, monkeypatc
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(*(tsw.SONARwithT5, "generate", oom) if where == "generate" else
-                        (tsw.SonarEncoder, "forward", oom))
+                        (tsw.SentenceEncoder, "forward", oom))
     assert tsw.main(quick_flags(project, project / "run", "--epochs", "1")) == 2
     line = one_error_line(capsys)
     assert ("while translating: lower --eval_batch_size" if where == "generate" else "while encoding the clips") in line

@@ -66,7 +66,7 @@ def test_items_batch_with_default_collate_and_padding_stays_out_of_the_mean(tmp_
     pooled = tsw.masked_mean(batch["features"], batch["length"])
     for i in range(3):
         assert torch.allclose(pooled[i], torch.from_numpy(clips[f"clip{i}"].mean(0)), atol=1e-6)
-    encoder = tsw.SonarEncoder((8, 16, 16, 32)).eval()
+    encoder = tsw.SentenceEncoder((8, 16, 16, 32)).eval()
     assert torch.allclose(encoder(pooled[:1]), encoder(torch.from_numpy(clips["clip0"]).mean(0, keepdim=True)),
                           atol=1e-6)
 

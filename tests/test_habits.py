@@ -46,6 +46,7 @@ def test_the_users_unfrozen_training_script(project, freeze):
             groups["t5"].append(parameter)
     assert any(p is model.projection.weight for p in groups["bridge"])
     assert any(p is model.expander for p in groups["bridge"])
+    assert groups["t5"] and all(any(p is q for q in groups["t5"]) for p in model.t5.parameters())  # all of T5
     assert bool(groups["encoder"]) != freeze
     optimizer = torch.optim.AdamW([{"params": groups["encoder"], "lr": 1e-5}, {"params": groups["bridge"], "lr": 1e-3},
                                    {"params": groups["t5"], "lr": 1e-4}])
@@ -72,8 +73,8 @@ def test_original_outputs_max_samples_and_paper_metrics(project, tmp_path):
     text = (out / "best_predictions.txt").read_text()
     assert text == "".join(f"GT: {reference}\nPred: {prediction}\n\n" for _, reference, prediction in rows)
     results = json.loads((out / "results.json").read_text())
-    assert all(isinstance(results[f"bleu_{n}"], float) for n in range(1, 5))
-    assert results["bleu_1"] >= results["bleu_2"] >= results["bleu_3"]
+    assert all(isinstance(results[f"val_bleu_{n}"], float) for n in range(1, 5))
+    assert results["val_bleu_1"] >= results["val_bleu_2"] >= results["val_bleu_3"]
     assert 0 <= results["val_rouge_l"] <= 100 and results["val_chrf"] >= 0
     assert "rougeL" in results["rouge_signature"]
     assert all(f"val_bleu_{n}" in metrics[-1] for n in range(1, 5)) and "val_rouge_l" in metrics[-1]

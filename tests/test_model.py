@@ -20,7 +20,7 @@ def test_encoder_loads_from_every_users_format(project_template, tmp_path, form)
     torch.save(wrapped, tmp_path / "enc.pt")
     encoder = tsw.load_sonar_encoder(tmp_path / "enc.pt").eval()
     assert encoder.dims == (64, 512, 512, 1024)
-    reference = tsw.SonarEncoder((64, 512, 512, 1024)).eval()
+    reference = tsw.SentenceEncoder((64, 512, 512, 1024)).eval()
     reference.load_state_dict(state)
     x = torch.randn(3, 64)
     assert torch.equal(encoder(x), reference(x))
@@ -45,7 +45,7 @@ def tiny_model(project_template, **options):
     torch.manual_seed(0)
     t5 = T5ForConditionalGeneration.from_pretrained(project_template["t5"])
     tokenizer = AutoTokenizer.from_pretrained(project_template["t5"])
-    return tsw.SONARwithT5(project_template["encoder"], device="cpu", t5=t5, tokenizer=tokenizer, **options)
+    return tsw.SONARwithT5(project_template["encoder"], device="cpu", decoder=t5, tokenizer=tokenizer, **options)
 
 
 def test_guide_bridge_gives_every_query_position_the_same_vector(project_template):
@@ -64,19 +64,19 @@ def test_default_bridge_differs_across_positions_and_clips(project_template):
     # Clips whose embeddings have cosine ~0.99, as the users' encoder produces.
     embeddings = torch.nn.functional.normalize(base + 0.1 * torch.randn(6, 1024) / 1024 ** 0.5, dim=-1)
     assert tsw.mean_pairwise_cosine(embeddings) > 0.98
-    model.fit_standardizer(embeddings)
+    model.set_statistics(embeddings)
     tokens = model.bridge(embeddings)
     rms = tokens.pow(2).mean().sqrt()
     assert tokens.std(dim=1).mean() / rms > 0.1      # query positions distinct
     assert tokens.std(dim=0).mean() / rms > 0.1      # clips distinct despite cosine 0.99
     # The output starts at T5's own embedding scale.
-    assert model.bridge.output_scale.item() == pytest.approx(tsw.embedding_scale(model.t5), rel=1e-5)
+    assert model.bridge.output_scale.item() == pytest.approx(tsw.embedding_scale(model.decoder_model), rel=1e-5)
 
 
 def test_standardisation_buffers_are_saved_and_restored(project_template, tmp_path):
     model = tiny_model(project_template)
     embeddings = torch.randn(20, 1024) * 3 + 1
-    model.fit_standardizer(embeddings)
+    model.set_statistics(embeddings)
     torch.save({"model_state_dict": model.state_dict()}, tmp_path / "m.pt")
     fresh = tiny_model(project_template)
     assert not torch.allclose(fresh.bridge.embedding_mean, model.bridge.embedding_mean)
@@ -93,7 +93,7 @@ def overfit(project_template):
     model = tiny_model(project_template)
     dataset.tokenize(model.tokenizer, 32)
     batch = tsw.collate_clips([dataset[i] for i in range(6)])
-    model.fit_standardizer(tsw.encode_dataset(model, dataset))
+    model.set_statistics(tsw.encode_dataset(model, dataset))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for step in range(1, 401):
         model.train()

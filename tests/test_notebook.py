@@ -47,6 +47,6 @@ def test_notebook_cells_run_in_order(project, capsys):
     assert (project / "logs/train_attention_final.log").is_file()
     assert (project / "checkpoints/sonar_t5_attention_final/val_predictions.tsv").is_file()
     final = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_attention_final/best_model.pt")
-    assert final.options["frame_attention"]                                     # the guide's cells: frames
+    assert final.config.frame_attention                                     # the guide's cells: frames
     embedding = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_embedding_only/best_model.pt")
-    assert not embedding.options["frame_attention"] and embedding.bridge.frame_encoder is None
+    assert not embedding.config.frame_attention and embedding.bridge.frame_encoder is None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny
 from conftest import quick_flags, tsw
 
 FPS = tsw.DEMO_FPS
@@ -18,8 +19,7 @@ def layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     clips = tsw.make_demo_data(root / "clips", num_train=61, num_val=15, feature_dim=32, t5_folder="t5-small",
                                messy=False)
-    videos = tsw.make_demo_data(root / "videos", num_train=61, num_val=15, feature_dim=32, t5_folder="t5-small",
-                                layout="videos")
+    videos = tiny.make_video_project(root / "videos", num_train=61, num_val=15, feature_dim=32, t5_folder="t5-small")
     return clips["root"], videos["root"]
 
 
