@@ -37,6 +37,7 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -976,6 +978,11 @@ class How2SignDataset(Dataset):
     def __len__(self):
         return len(self.ids)
 
+    def fingerprint(self):
+        """sha256 of the split as used (after skips): its samples' ids, texts and spans, sorted by id."""
+        rows = sorted(zip(self.ids, self.texts, self.first_frames, self.lengths.tolist()))
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
     def manifest_rows(self):
         """Rows read from the manifest: the samples plus every skipped row or clip."""
         return len(self) + len(self.skipped)
@@ -1609,6 +1616,14 @@ def beam_search_cache():
     return beam_search_cache_class()(DynamicCache(), DynamicCache())
 
 
+@functools.lru_cache(maxsize=None)
+def cache_kwarg():
+    """generate's keyword for a cache: `cache` in transformers 5.x (`past_key_values` warns), else `past_key_values`."""
+    import transformers
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+
+
 def encoder_output(memory):
     """`memory` (B, M, d) as the encoder output a transformers seq2seq model takes (`encoder_outputs=`)."""
     from transformers.modeling_outputs import BaseModelOutput
@@ -1701,7 +1716,7 @@ class DecoderAdapter(nn.Module):
         decoder's first token is forced to the target language's code, left out of the text."""
         gen_kwargs.setdefault("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
         if gen_kwargs.get("num_beams", 1) > 1:
-            gen_kwargs.setdefault("past_key_values", beam_search_cache())
+            gen_kwargs.setdefault(cache_kwarg(), beam_search_cache())
         if self.target_lang_id is not None:
             gen_kwargs.setdefault("forced_bos_token_id", self.target_lang_id)
         ids = self.t5.generate(encoder_outputs=encoder_output(memory), attention_mask=mask, **gen_kwargs)
@@ -2000,9 +2015,13 @@ def cpu_state_dict(module, keep=None):
     return state
 
 
+def plain_args(args):
+    """The flags as plain values (saved in checkpoints and results.json)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
 def model_checkpoint(model, args, **extra):
-    return {"model_state_dict": model.trained_state_dict(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra}
+    return {"model_state_dict": model.trained_state_dict(), "args": plain_args(args), **extra}
 
 
 def saved_config(state_dict, origin="this checkpoint"):
@@ -2145,13 +2164,23 @@ def corpus_scores(predictions, references):
     from sacrebleu.metrics import BLEU, CHRF
 
     if not predictions:
-        return {"bleu": 0.0, "chrf": 0.0, "bleu_n": [0.0] * 4, "rouge_l": None, "signature": ""}
+        return {"bleu": 0.0, "chrf": 0.0, "bleu_n": [0.0] * 4, "rouge_l": None, "signature": "",
+                "repeat_4gram_share": 0.0, "length_ratio": 0.0}
     bleu = BLEU()
     score = bleu.corpus_score(predictions, [references])
     bleu_n = [BLEU(max_ngram_order=n, effective_order=n < 4).corpus_score(predictions, [references]).score
               for n in range(1, 5)]
     return {"bleu": score.score, "chrf": CHRF().corpus_score(predictions, [references]).score,
-            "bleu_n": bleu_n, "rouge_l": rouge_l(predictions, references), "signature": str(bleu.get_signature())}
+            "bleu_n": bleu_n, "rouge_l": rouge_l(predictions, references), "signature": str(bleu.get_signature()),
+            "repeat_4gram_share": sum(map(repeats_a_4gram, predictions)) / len(predictions),
+            "length_ratio": score.sys_len / max(score.ref_len, 1)}
+
+
+def repeats_a_4gram(sentence):
+    """Whether a sentence holds some 4 words twice in a row (a decoding loop); words split on spaces."""
+    words = sentence.split()
+    grams = [tuple(words[i: i + 4]) for i in range(len(words) - 3)]
+    return len(grams) != len(set(grams))
 
 
 ROUGE_SIGNATURE = "rouge-score rougeL F1 x 100, mean over sentences, no stemming"
@@ -2495,8 +2524,19 @@ def load_split(args, split, manifest, features, feature_dim, return_frames=True,
 
 
 def data_splits(args):
-    """(split, manifest, features folder) of the training and validation data."""
-    return (("train", args.train_manifest, args.train_features), ("val", args.val_manifest, args.val_features))
+    """(split, manifest, features folder) of the training, validation and (when given) test data."""
+    return (("train", args.train_manifest, args.train_features), ("val", args.val_manifest, args.val_features),
+            *((("test", args.test_manifest, args.test_features),) if args.test_manifest else ()))
+
+
+def warn_if_test_is_not_held_out(val, test):
+    """A warning when the test split shares clips (ids) with the validation split, or is its manifest."""
+    shared = len(set(val.ids) & set(test.ids))
+    same = Path(val.manifest).resolve() == Path(test.manifest).resolve()
+    if shared or same:
+        logger.warning(f"test: {shared} of its {len(test)} clips are validation clips too" + (" (the same manifest)"
+                       if same else "") + ": its score is not held out, since the validation set picks the best "
+                       "checkpoint; give a test split of its own (How2Sign's how2sign_realigned_test.csv)")
 
 
 def report_dataset(dataset, manifest):
@@ -2514,11 +2554,16 @@ def report_dataset(dataset, manifest):
                 f"up to {dataset.max_frames} frames) from {manifest}")
 
 
+def write_predictions_tsv(path, predictions):
+    """`id reference prediction`, one row per clip, written atomically."""
+    atomic_write_text(path, "id\treference\tprediction\n" + "".join(
+        f"{clean(p.id)}\t{clean(p.reference)}\t{clean(p.prediction)}\n" for p in predictions))
+
+
 def write_best_predictions(out, predictions):
     """best_predictions.tsv (id, reference, prediction) and the original module's best_predictions.txt
     ("GT: ..." / "Pred: ..." pairs, a blank line between), each written atomically."""
-    atomic_write_text(Path(out) / "best_predictions.tsv", "id\treference\tprediction\n" + "".join(
-        f"{clean(p.id)}\t{clean(p.reference)}\t{clean(p.prediction)}\n" for p in predictions))
+    write_predictions_tsv(Path(out) / "best_predictions.tsv", predictions)
     atomic_write_text(Path(out) / "best_predictions.txt", "".join(
         f"GT: {clean(p.reference)}\nPred: {clean(p.prediction)}\n\n" for p in predictions))
 
@@ -2528,22 +2573,27 @@ def score_record(scores, prefix="val"):
     <prefix>_bleu, <prefix>_bleu_1..4, <prefix>_chrf, <prefix>_rouge_l."""
     return {f"{prefix}_bleu": scores["bleu"], f"{prefix}_chrf": scores["chrf"],
             **{f"{prefix}_bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
-            **({f"{prefix}_rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {})}
+            **({f"{prefix}_rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {}),
+            f"{prefix}_repeat_4gram_share": scores["repeat_4gram_share"], f"{prefix}_length_ratio": scores["length_ratio"]}
 
 
 def describe_scores(scores):
-    """BLEU, BLEU-1..4, chrF (and ROUGE-L) on one log line."""
+    """BLEU, BLEU-1..4, chrF (and ROUGE-L), the length ratio and repeated 4-grams on one log line."""
     rouge = f" | ROUGE-L {scores['rouge_l']:.2f}" if scores["rouge_l"] is not None else ""
     return (f"BLEU {scores['bleu']:.2f} (BLEU-1..4 {' / '.join(f'{b:.1f}' for b in scores['bleu_n'])}) | "
-            f"chrF {scores['chrf']:.2f}{rouge}")
+            f"chrF {scores['chrf']:.2f}{rouge} | length ratio {scores['length_ratio']:.2f} | "
+            f"{scores['repeat_4gram_share']:.0%} repeat a 4-gram")
 
 
-def selection_key(record, metric):
-    """What "better" means for the best model and --patience: the metric, then the lower loss."""
-    loss = -record["val_loss"]
+def improves(record, best, metric, threshold=0.0):
+    """Whether an evaluation beats the best one, for best_model.pt and --patience: by more than
+    --early_stopping_threshold on the metric (a lower loss for "loss"). A tie is no improvement, as in
+    the Hugging Face Trainer's early stopping."""
+    if best is None:
+        return True
     if metric == "loss":
-        return (loss,)
-    return (record.get(f"val_{metric}", record["val_bleu"] if metric == "bleu" else -math.inf), loss)
+        return record["val_loss"] < best["val_loss"] - threshold
+    return record[f"val_{metric}"] > best[f"val_{metric}"] + threshold
 
 
 def bleurt_score(predictions, references, checkpoint, device, batch_size=32):
@@ -2639,11 +2689,18 @@ class Trainer:
         self.config = self.raw_model.config
         if advice := frame_route_advice(self.config):
             logger.warning(advice)
-        self.train_set, self.val_set = self.load_datasets()
+        datasets = self.load_datasets()
+        self.train_set, self.val_set, self.test_set = datasets["train"], datasets["val"], datasets.get("test")
+        if self.test_set is not None:
+            warn_if_test_is_not_held_out(self.val_set, self.test_set)
+        self.fingerprints = {split: dataset.fingerprint() for split, dataset in datasets.items()}
+        logger.info("data fingerprints (sha256 of each split as used): "
+                    + ", ".join(f"{split} {value[:12]}" for split, value in self.fingerprints.items()))
         train_embeddings = encode_dataset(self.raw_model, self.train_set)
         if self.config.freeze_encoder:  # computed once, reused every epoch and for evaluation
-            self.train_set.sentence_embeddings = train_embeddings
-            self.val_set.sentence_embeddings = encode_dataset(self.raw_model, self.val_set)
+            for dataset in datasets.values():
+                dataset.sentence_embeddings = train_embeddings if dataset is self.train_set else \
+                    encode_dataset(self.raw_model, dataset)
         self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
         self.build_optimizer()
         if resume_from:
@@ -2660,7 +2717,7 @@ class Trainer:
 
     def load_datasets(self):
         args, config = self.args, self.config
-        datasets, skipped = [], []
+        datasets, skipped = {}, []
         for split, manifest, features in data_splits(args):
             dataset = load_split(args, split, manifest, features, config.frame_width, config.frame_attention,
                                  progress=self.world.is_main)
@@ -2675,7 +2732,7 @@ class Trainer:
                                    "see --check. If your files hold whole videos, add --feature_fps FPS.")
                                 + " To train on what is left anyway, add --max_skip_share 1.")
             skipped += [(clip_id, f"{split}: {reason}") for clip_id, reason in dataset.skipped]
-            datasets.append(dataset)
+            datasets[split] = dataset
         if self.world.is_main:
             atomic_write_text(self.out / "skipped_clips.tsv", "id\treason\n" + "".join(
                 f"{clean(clip_id)}\t{clean(reason)}\n" for clip_id, reason in skipped))
@@ -2731,6 +2788,11 @@ class Trainer:
                     f"({self.precision}, {self.world.size} process(es), global batch {global_batch}, "
                     f"bridge '{self.config.bridge}' at learning rate {bridge_learning_rate(args):g}, decoder at "
                     f"{args.learning_rate:g}, {count_trainable(self.raw_model):,} trainable parameters)")
+        if args.patience and self.state.stale_evals >= args.patience:
+            logger.info(f"This run stopped early after epoch {self.state.epoch} (validation {args.early_stopping_metric} "
+                        f"had not improved for {self.state.stale_evals} evaluations): nothing to train. Raise --patience "
+                        f"above {self.state.stale_evals} to continue it.")
+            return None if (self.out / "results.json").is_file() else self.finish()
         for epoch in range(self.state.epoch, args.epochs):
             started = time.time()
             train_loss = self.train_epoch(epoch)
@@ -2841,19 +2903,19 @@ class Trainer:
             indices = sorted(order[:cap].tolist())
         return indices
 
-    def evaluate(self, full):
-        """Predictions over (a fixed subset of) the validation set, split across processes and gathered:
-        (predictions in dataset order, loss, scores, whether every clip was covered)."""
-        indices = self.eval_indices(full)
-        batches = length_sorted_batches(self.val_set, indices[self.world.rank:: self.world.size],
-                                        self.args.eval_batch_size)
-        part = translate(self.raw_model, clip_batches(self.val_set, batches, self.args.num_workers),
+    def evaluate(self, full, dataset=None):
+        """Predictions over (a fixed subset of) the validation set, or over all of `dataset`, split across
+        processes and gathered: (predictions in dataset order, loss, scores, whether every clip was covered)."""
+        dataset = dataset or self.val_set
+        indices = self.eval_indices(full) if dataset is self.val_set else list(range(len(dataset)))
+        batches = length_sorted_batches(dataset, indices[self.world.rank:: self.world.size], self.args.eval_batch_size)
+        part = translate(self.raw_model, clip_batches(dataset, batches, self.args.num_workers),
                          generation_kwargs(self.args), self.precision, progress=self.world.is_main)
         gathered = self.world.gather(part)
         by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
         predictions = [by_index[i] for i in sorted(by_index)]
         loss = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
-        return predictions, loss, score_predictions(predictions), len(indices) == len(self.val_set)
+        return predictions, loss, score_predictions(predictions), len(indices) == len(dataset)
 
     def evaluate_epoch(self, epoch):
         predictions, loss, scores, full = self.evaluate(full=False)
@@ -2862,7 +2924,7 @@ class Trainer:
         record = {"val_loss": loss, **score_record(scores), "eval_clips": len(predictions), **diagnostics}
         best = self.state.best
         metric = self.args.early_stopping_metric
-        improved = best is None or selection_key(record, metric) > selection_key(best, metric)
+        improved = improves(record, best, metric, self.args.early_stopping_threshold)
         self.state.stale_evals = 0 if improved else self.state.stale_evals + 1
         if improved:  # every process tracks the best; only the main one writes it
             self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
@@ -2894,7 +2956,8 @@ class Trainer:
             logger.info(f"  {n}. [{p.id}] reference:  {p.reference}\n     prediction: {p.prediction}")
 
     def finish(self):
-        """Score the best model on the full validation set; write results and the export."""
+        """Score the best model on the full validation set, and once on the test split when given (which
+        never picks a checkpoint); write results and the export."""
         if self.state.best is None:
             raise UserError("no evaluation ran; nothing to report")
         best_path = self.out / "best_model.pt"
@@ -2907,12 +2970,24 @@ class Trainer:
                    "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
                    "distinct_share": len(set(sentences)) / max(len(sentences), 1),
                    "val_clips": len(predictions), "skipped_steps": self.state.skipped_steps,
-                   "epochs_trained": self.state.epoch, "selection_metric": self.args.early_stopping_metric}
+                   "epochs_trained": self.state.epoch, "selection_metric": self.args.early_stopping_metric,
+                   "data_fingerprints": {split: self.fingerprints.get(split) for split in ("train", "val", "test")},
+                   "args": plain_args(self.args)}
+        test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
+        if test:
+            results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
         if self.args.bleurt:
-            results["val_bleurt"] = bleurt_score(sentences, [p.reference for p in predictions], self.args.bleurt,
-                                                 self.device, self.args.eval_batch_size)
+            for split, scored in (("val", predictions), ("test", test[0] if test else None)):
+                if scored is not None:
+                    results[f"{split}_bleurt"] = bleurt_score([p.prediction for p in scored], [p.reference for p in scored],
+                                                              self.args.bleurt, self.device, self.args.eval_batch_size)
         if self.world.is_main:
             write_best_predictions(self.out, predictions)
+            if test:
+                write_predictions_tsv(self.out / "test_predictions.tsv", test[0])
+                logger.info(f"Test split (scored once, with the best model of epoch {results['best_epoch']}): "
+                            f"{describe_scores(test[2])}" + (f" | BLEURT {results['test_bleurt']:.4f}"
+                                                             if "test_bleurt" in results else ""))
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
             self.raw_model.decoder.export(self.out / "t5_export", weights=True)
             logger.info(f"Best epoch {results['best_epoch']}: {describe_scores(scores)} | distinct "
@@ -2982,6 +3057,21 @@ def backend_missing(name):
         __import__(module)
     except ImportError:
         return f"--report_to {name} needs the {package} package: pip install {package} (or leave {name} out of --report_to)"
+    return mlflow_store_problem() if name == "mlflow" else None
+
+
+def mlflow_store_problem():
+    """None when MLflow's tracking store (MLFLOW_TRACKING_URI, else MLflow's default) opens, else one line
+    that names the URI and the fix."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; each means "cannot track there"
+        return (f"--report_to mlflow: MLflow {mlflow.__version__} refuses the tracking URI {uri} "
+                f"({first_line(error)[:140]}...); set MLFLOW_TRACKING_URI=sqlite:///mlflow.db (MLflow 3's default "
+                "store; it needs SQLAlchemy, which the full package brings: pip install mlflow)")
     return None
 
 
@@ -3137,6 +3227,9 @@ def run_predict(args, given):
                          model.config.frame_attention, require_text=args.manifest is not None)
     report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
+    if args.sweep:
+        return run_sweep(model, clip_batches(dataset, batches, args.num_workers), decoding, parse_sweep(args.sweep),
+                         resolve_precision(args.precision, device), checkpoint.parent / "sweep.json")
     predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(decoding),
                                   resolve_precision(args.precision, device), with_loss=False, progress=True)
     predictions.sort(key=lambda p: p.index)
@@ -3147,6 +3240,129 @@ def run_predict(args, given):
     if args.manifest is not None:
         scores = score_predictions(predictions)
         logger.info(f"{describe_scores(scores)} | {scores['signature']}")
+    return 0
+
+
+SWEEP_SETTINGS = ("num_beams", "max_new_tokens", "length_penalty", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def parse_sweep(text):
+    """--sweep "num_beams=1,4,5 length_penalty=1.0,1.5": {setting: [values]} (deterministic settings only)."""
+    grid = {}
+    for item in text.split():
+        name, _, values = item.partition("=")
+        try:
+            if name not in SWEEP_SETTINGS:
+                raise ValueError
+            grid[name] = [type(DECODING_DEFAULTS[name])(value) for value in values.split(",")]
+        except ValueError:
+            raise UserError(f"--sweep: '{item}' is not SETTING=V1,V2,... with SETTING one of "
+                            f"{', '.join(SWEEP_SETTINGS)}") from None
+    return grid
+
+
+@torch.no_grad()
+def run_sweep(model, batches, decoding, grid, precision, path):
+    """--predict --sweep: every combination of the grid's settings on the same clips, each batch's decoder
+    memory (encoder output and frame memory) computed once and reused by every setting; a table of BLEU,
+    chrF, repeated 4-grams and length ratio per setting, the best first, and sweep.json."""
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    outputs = [[] for _ in settings]
+    model.eval()
+    for batch in tqdm(batches, desc=f"sweeping {len(settings)} settings", leave=False):
+        if not all(batch["text"]):
+            raise UserError("--sweep scores every setting: give --manifest with the clips' sentences")
+        with autocast_for(model.device, precision):
+            memory, mask = model.decoder_memory(batch)
+            for predictions, setting in zip(outputs, settings):
+                sentences = model.decoder.generate(memory, mask, **generation_kwargs({**decoding, **setting}))
+                predictions += map(Prediction._make, zip(batch["index"].tolist(), batch["id"], batch["text"], sentences))
+    rows = sorted(({"settings": setting, **score_record(score_predictions(predictions), "sweep")}
+                   for setting, predictions in zip(settings, outputs)), key=lambda row: -row["sweep_bleu"])
+    rows = [{"settings": row["settings"], **{k[len("sweep_"):]: v for k, v in row.items() if k != "settings"}}
+            for row in rows]
+    logger.info("| " + " | ".join(grid) + " | BLEU | chrF | repeat a 4-gram | length ratio |")
+    for row in rows:
+        logger.info("| " + " | ".join(f"{row['settings'][name]:g}" for name in grid) + f" | {row['bleu']:.2f} | "
+                    f"{row['chrf']:.2f} | {row['repeat_4gram_share']:.1%} | {row['length_ratio']:.3f} |")
+    atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
+    logger.info(f"Wrote {path}: {len(rows)} settings on {len(outputs[0])} clips; the best: {rows[0]['settings']}")
+    return 0
+
+
+def read_run(folder, predictions_name):
+    """(results.json, [{"id", "reference", "prediction"}]) of a finished run folder."""
+    results_path, predictions_path = Path(folder) / "results.json", Path(folder) / predictions_name
+    for path in (results_path, predictions_path):
+        if not path.is_file():
+            raise UserError(f"--compare: {path} not found: give run folders that finished training"
+                            + (" with a test split (--test_manifest)" if "test" in predictions_name else ""))
+    with open(predictions_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return json.loads(results_path.read_text()), rows
+
+
+SEED_FREE = ("seed", "output_dir", "log_file", "resume")    # flags that may differ within a group of seeds
+
+
+def run_compare(args):
+    """--compare RUN_DIR ...: each run's scores recomputed from its prediction file, BLEU with its 95%
+    confidence interval and the paired bootstrap p-value against the first run (sacreBLEU's own test,
+    1,000 resamples, its fixed seed), chrF, ROUGE-L; runs differing only in --seed summarised as a group."""
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    split = args.compare_split
+    runs = [(str(folder), *read_run(folder, "best_predictions.tsv" if split == "val" else "test_predictions.tsv"))
+            for folder in args.compare]
+    first_name, first_results, first_rows = runs[0]
+    ids = [row["id"] for row in first_rows]
+    fingerprint = first_results.get("data_fingerprints", {}).get(split)
+    systems = []
+    for name, results, rows in runs:
+        own = results.get("data_fingerprints", {}).get(split)
+        same = own == fingerprint is not None
+        if not same and not args.compare_any_data:
+            raise UserError(f"--compare: {name} " + (f"was scored on other {split} data than {first_name} (data "
+                            "fingerprints differ)" if own and fingerprint else "records no data fingerprint (trained by an "
+                            "earlier version)") + ": its scores cannot be compared; add --compare_any_data to compare "
+                            "them anyway")
+        by_id = {row["id"]: row for row in rows}
+        if set(by_id) != set(ids):
+            raise UserError(f"--compare: {name} and {first_name} predicted different {split} clips "
+                            f"({len(set(by_id) ^ set(ids))} ids differ): a paired comparison needs the same clips")
+        systems.append((name, [by_id[clip_id]["prediction"] for clip_id in ids], same))
+    references = [row["reference"] for row in first_rows]
+    os.environ.setdefault("SACREBLEU_SEED", "12345")
+    signatures, scores = PairedTest([(name, hypotheses) for name, hypotheses, _ in systems],
+                                    {"BLEU": BLEU(), "chrF": CHRF()}, [references], test_type="bs", n_samples=1000)()
+    bleu, chrf = (next(v for k, v in scores.items() if k.lower().startswith(m)) for m in ("bleu", "chrf"))
+    records = [{"run": name, "clips": len(ids), "bleu": float(b.score), "bleu_ci_low": float(b.mean - b.ci),
+                "bleu_ci_high": float(b.mean + b.ci), "chrf": float(c.score), "rouge_l": rouge_l(hypotheses, references),
+                "p_value": float(b.p_value) if i else None,
+                "same_data": same, "seed": results.get("args", {}).get("seed")}
+               for i, ((name, hypotheses, same), b, c, (_, results, _)) in enumerate(zip(systems, bleu, chrf, runs))]
+    groups = defaultdict(list)
+    for record, (_, results, _) in zip(records, runs):
+        if "args" in results:
+            groups[json.dumps({k: v for k, v in results["args"].items() if k not in SEED_FREE}, sort_keys=True)].append(record)
+    print(f"{split} scores recomputed from the prediction files ({len(ids)} clips; paired bootstrap against the first run):")
+    print("| run | BLEU | 95% CI | chrF | ROUGE-L | p (vs first) | same data as the first |")
+    for r in records:
+        rouge = "-" if r["rouge_l"] is None else f"{r['rouge_l']:.2f}"
+        print(f"| {r['run']} | {r['bleu']:.2f} | [{r['bleu_ci_low']:.2f}, {r['bleu_ci_high']:.2f}] | {r['chrf']:.2f} | "
+              f"{rouge} | {'-' if r['p_value'] is None else format(r['p_value'], '.4f')} | {'yes' if r['same_data'] else 'NO'} |")
+    for members in (m for m in groups.values() if len({r["seed"] for r in m}) > 1):
+        values = [r["bleu"] for r in members]
+        summary = {"runs": len(members), "bleu_mean": statistics.mean(values), "bleu_std": statistics.stdev(values)}
+        for r in members:
+            r["seed_group"] = summary
+        print(f"seeds {', '.join(str(r['seed']) for r in members)} of the same flags: BLEU {summary['bleu_mean']:.2f} "
+              f"± {summary['bleu_std']:.2f} (mean ± standard deviation of {len(members)} runs)")
+    for metric, signature in signatures.items():
+        print(f"{metric} signature: {signature}")
+    if args.compare_json:
+        atomic_write_text(args.compare_json, json.dumps(records, indent=2) + "\n")
     return 0
 
 
@@ -3279,7 +3495,7 @@ def make_demo_data(root, num_train=2200, num_val=200, feature_dim=256, seed=0, t
     (root / "READY").write_text(json.dumps({"encoder_cosine": cosine}))   # written last: data complete
     return {"root": root, "encoder": encoder_path, "t5": root / t5_folder if t5_folder else None,
             "encoder_cosine": cosine, "vocabulary": len(vocabulary), "sentences": sentences,
-            "clips": [clip + scale * shared for clip in clips], "rest_frame": scale * shared}
+            "clips": [clip + scale * shared for clip in clips], "rest_frame": scale * shared, "rng": rng}
 
 
 DEMO_SETTINGS = dict(epochs=30, batch_size=32, learning_rate=1e-3, warmup_steps=100, eval_every=5)
@@ -3335,6 +3551,10 @@ def build_parser():
                    help="TSV (id, duration, text), How2Sign CSV, JSON or JSONL")
     g.add_argument("--val_features", default="features/val", help="folder of validation clips")
     g.add_argument("--val_manifest", default="manifests/val.tsv", help="validation manifest")
+    g.add_argument("--test_features", default=None, help="folder of test clips (with --test_manifest)")
+    g.add_argument("--test_manifest", default=None,
+                   help="a test split (any manifest format, e.g. How2Sign's how2sign_realigned_test.csv): scored once "
+                        "after training with the best model; it never picks a checkpoint or stops training")
     g.add_argument("--output_dir", default=None,
                    help="where checkpoints, predictions, metrics and logs go (default checkpoints/sonar_t5, "
                         "demo_output with --demo)")
@@ -3416,7 +3636,9 @@ def build_parser():
                    help="early stopping: stop after this many evaluations without improvement of "
                         "--early_stopping_metric (0: never)")
     g.add_argument("--early_stopping_metric", choices=("bleu", "chrf", "loss"), default="bleu",
-                   help="what picks best_model.pt and counts for --patience (ties: lower validation loss)")
+                   help="what picks best_model.pt and counts for --patience (a tie is no improvement)")
+    g.add_argument("--early_stopping_threshold", type=float, default=0.0,
+                   help="an evaluation improves on the best only by more than this (BLEU / chrF points, or loss)")
     g.add_argument("--bleurt", default=None, metavar="CHECKPOINT",
                    help="also score the best model with BLEURT (needs the bleurt-pytorch package), e.g. "
                         "lucadiliello/BLEURT-20-D12")
@@ -3441,6 +3663,17 @@ def build_parser():
     g.add_argument("--features", default=None, help="--predict: folder of clips")
     g.add_argument("--manifest", default=None, help="--predict: manifest (optional; enables BLEU)")
     g.add_argument("--predictions_file", default=None, help="--predict: output TSV (default beside the checkpoint)")
+    g.add_argument("--sweep", default=None, metavar='"SETTING=V1,V2 ..."',
+                   help="--predict: decode the clips with every combination of these settings (of "
+                        f"{', '.join(SWEEP_SETTINGS)}), each clip encoded once; a table and sweep.json beside the checkpoint")
+    g.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                   help="compare finished runs: scores from their prediction files, BLEU's 95%% confidence interval, the "
+                        "paired bootstrap p-value against the first run, and mean ± sd over runs that differ only in --seed")
+    g.add_argument("--compare_split", choices=("val", "test"), default="val",
+                   help="--compare: best_predictions.tsv (val) or test_predictions.tsv (test)")
+    g.add_argument("--compare_any_data", action="store_true",
+                   help="--compare runs whose data fingerprints differ (refused otherwise)")
+    g.add_argument("--compare_json", default=None, metavar="FILE", help="--compare: also write the records as JSON")
     return p
 
 
@@ -3468,7 +3701,7 @@ FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
     **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                     "no_repeat_ngram_size", "frame_cache_gb"), "0 or more"),
+                     "no_repeat_ngram_size", "frame_cache_gb", "early_stopping_threshold"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "bridge_lr_scale", "feature_fps"), "positive"),
     "label_smoothing": "in [0, 1)", "top_p": "in (0, 1]", "max_skip_share": "in [0, 1]"}
@@ -3489,7 +3722,7 @@ def validate_args(args):
         problems.append("--freeze_t5 and --lora_rank: LoRA already keeps the base frozen; use one of them")
     if args.lora_rank and not args.check and not args.predict and importlib.util.find_spec("peft") is None:
         problems.append("--lora_rank needs the peft package: pip install peft")
-    if not args.check and not args.predict:
+    if not args.check and not args.predict and not args.compare:
         explicit = [name for name in dict.fromkeys(args.report_to) if name in REPORT_BACKENDS]
         problems += [message for message in map(backend_missing, explicit) if message]
         if args.bleurt and importlib.util.find_spec("bleurt_pytorch") is None:
@@ -3499,18 +3732,23 @@ def validate_args(args):
         resolve_device(args.device)
     except UserError as error:
         problems.append(str(error))
-    if sum([args.check, args.predict, args.demo]) > 1:
-        problems.append("--check, --predict and --demo are separate modes: use one")
+    if sum([args.check, args.predict, args.demo, bool(args.compare)]) > 1:
+        problems.append("--check, --predict, --demo and --compare are separate modes: use one")
+    if args.sweep and not args.predict:
+        problems.append("--sweep goes with --predict (and --manifest): it decodes a trained model's clips")
     folders = []
     if args.predict:
         if not args.features and not args.manifest:
             problems.append("--predict needs --features (a folder of clips) or --manifest")
         folders = [("features", args.features)] if args.features else []
-    elif not args.check and not args.demo:
-        folders = [("train_features", args.train_features), ("val_features", args.val_features)]
-        for flag in ("train_manifest", "val_manifest", "sonar_checkpoint"):
-            if not Path(getattr(args, flag)).is_file():
+    elif not args.check and not args.demo and not args.compare:
+        folders = [("train_features", args.train_features), ("val_features", args.val_features),
+                   *([("test_features", args.test_features)] if args.test_features else [])]
+        for flag in ("train_manifest", "val_manifest", "sonar_checkpoint", "test_manifest"):
+            if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
                 problems.append(f"--{flag} file not found: {getattr(args, flag)}")
+        if args.test_features and not args.test_manifest:
+            problems.append("--test_features needs --test_manifest (the test split's sentences)")
     for flag, folder in folders:
         if Path(folder).is_file():
             problems.append(f"--{flag} {folder} is a file: pass the folder that holds the <id>.npy / <id>.pt files")
@@ -3541,7 +3779,7 @@ def setup_logging(log_file, is_main):
 
 def main(argv=None):
     args, given = parse_args(sys.argv[1:] if argv is None else list(argv))
-    log_file = None if (args.check or args.predict) else (args.log_file or Path(args.output_dir) / "train.log")
+    log_file = None if (args.check or args.predict or args.compare) else (args.log_file or Path(args.output_dir) / "train.log")
     setup_logging(log_file, World.env_rank() == 0)
     try:
         validate_args(args)
@@ -3549,6 +3787,8 @@ def main(argv=None):
             return run_check(args)
         if args.predict:
             return run_predict(args, given)
+        if args.compare:
+            return run_compare(args)
         world = setup_world(args.device)
         if args.demo:
             prepare_demo(args.output_dir, world)

@@ -117,8 +117,8 @@ def test_patience_stops_and_resume_continues_the_count(project, tmp_path, capsys
 
 def test_mlflow_run_has_params_metrics_per_epoch_and_artifacts(project, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow", reason="mlflow is in tests/requirements.txt; installed by .ci/run")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")      # a local store without a database server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")   # MLflow 3's default store
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "how2sign-tests")
     out = tmp_path / "tracked"
     assert tsw.main(quick_flags(project, out, "--epochs", "2", "--max_samples", "8", "--report_to", "mlflow")) == 0

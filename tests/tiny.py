@@ -100,7 +100,7 @@ def make_video_project(root, num_train=2200, num_val=200, feature_dim=256, seed=
     for folder in ("features", "manifests", "data"):
         for path in sorted((root / folder).rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
-    rng = np.random.default_rng(seed + 1)
+    rng = info["rng"]                     # where the clips left it: the same rest frames as ever
     splits = {"train": range(num_train), "val": range(num_train, num_train + num_val)}
     for split, indices in splits.items():
         write_video_layout(root, split, [info["clips"][i] for i in indices], [info["sentences"][i] for i in indices],
