@@ -18,11 +18,11 @@ Sections, in order:
   8. Decoder         DecoderAdapter: any seq2seq model (full, frozen or LoRA) behind one loss and one generate.
   9. Model           SONARwithT5: encoder + bridge + decoder; rebuilt from a state dict's configuration.
  10. Checkpoints     what best_model.pt and last.pt hold, and reading them back.
- 11. Decoding        one translation loop, metrics (BLEU-1..4, chrF, ROUGE-L), collapse diagnostics.
+ 11. Decoding        one translation loop, metrics (BLEU-1..4, chrF, ROUGE-L, repeats, length), collapse diagnostics.
  12. Guide's API     evaluate_model, evaluate, train_epoch, collate_fn: the guide's and original module's calls.
- 13. Training        processes, precision, batches, Trainer (set-up, epochs, evaluation, outputs).
+ 13. Training        processes, precision, batches, Trainer (set-up, epochs, evaluation, the test split, outputs).
  14. Tracking        --report_to tensorboard / mlflow / wandb.
- 15. Modes           --check, --predict, --demo (its generated data).
+ 15. Modes           --check, --predict (and --sweep), --compare, --demo (its generated data).
  16. Command line    the flags, their validation, main().
 """
 
@@ -74,8 +74,8 @@ DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
 FRAME_ROUTES = ("encoder", "cross_attention")
 FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)
-# Decoder families measured to learn better with frames beside the encoder output (bench/quality.py, README
-# "Quality by decoder"); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
+# Decoder families measured to learn better with frames beside the encoder output (bench/quality.py,
+# docs/benchmarks/quality.md); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
 ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a frozen or LoRA decoder: small checkpoints
 CHECKPOINT_FORMAT = 3        # state dicts carry their ModelConfig; earlier formats are refused
@@ -1983,11 +1983,11 @@ class SONARwithT5(nn.Module):
 
 def frame_route_advice(config):
     """One line of advice when the decoder is of a family that learned far worse with the frame route
-    cross_attention on bench/quality.py (README, "Quality by decoder"); else None."""
+    cross_attention on bench/quality.py (docs/benchmarks/quality.md); else None."""
     if config.route == "cross_attention" and config.family not in CROSS_ROUTE_FAMILIES:
         return (f"frames beside a '{config.family}' decoder's encoder output (--frame_route cross_attention) learned "
                 "far worse than --frame_route encoder with BART and M2M100 / NLLB-200 decoders on bench/quality.py "
-                "(README 'Quality by decoder'); the default (auto) uses encoder for them")
+                "(docs/benchmarks/quality.md); the default (auto) uses encoder for them")
     return None
 
 

@@ -40,7 +40,7 @@ CONFIGS = {
     "embedding_only": ["--no-frame_attention"],     # the default before frames were
     "memory": ["--bridge", "memory"],       # the default before prefix_memory
     "prefix": ["--bridge", "prefix"],
-    # The ablations behind the defaults (README: 10 epochs). Rows measured at bridge LR x10 are x10_*.
+    # The ablations behind the defaults (docs/benchmarks/collapse.md: 10 epochs). Rows measured at bridge LR x10 are x10_*.
     "bridge_lr_x3": ["--bridge_lr_scale", "3"],
     "bridge_lr_x10": X10,
     **{f"x10_{name}": X10 + flags for name, flags in ONE_CHANGE.items()},

@@ -15,6 +15,7 @@ Prints a table, then one JSON line.
 
 import argparse
 import json
+import shlex
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default="bench/results/video_level")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra", default="", help='flags added to every run, e.g. "--no-frame_attention"')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -56,7 +58,8 @@ def main():
         flags = [f"--{k}={v}" for k, v in tsw.DEMO_SETTINGS.items()] + [
             "--epochs", str(args.epochs), "--eval_every", str(args.epochs), "--device", "cpu",
             "--sonar_checkpoint", str(root / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
-            "--t5_model", str(out / "clips" / "t5-tiny"), "--output_dir", str(out / "runs" / name), *extra]
+            "--t5_model", str(out / "clips" / "t5-tiny"), "--output_dir", str(out / "runs" / name), *extra,
+            *shlex.split(args.extra)]
         for split in ("train", "val"):
             flags += [f"--{split}_features", str(root / "features" / split),
                       f"--{split}_manifest", str(root / "manifests" / manifest.format(split=split))]

@@ -97,7 +97,7 @@ def test_loss_is_the_decoders_own(project, decoders, family, route):
 
 def test_the_default_frame_route_follows_the_decoder_family(project, decoders):
     """--frame_route auto (the default): frames beside the encoder output for T5, in the encoder for BART and
-    M2M100 / NLLB (which learned far worse beside it, README); choosing cross_attention for those gets one
+    M2M100 / NLLB (which learned far worse beside it, docs/benchmarks/quality.md); choosing cross_attention for those gets one
     line of advice, nothing else does."""
     for family, route, resolved in (("t5", "auto", "cross_attention"), ("nllb", "auto", "encoder"),
                                     ("bart", "auto", "encoder"), ("nllb", "cross_attention", "cross_attention"),
