@@ -10,8 +10,8 @@ a bridge -> any encoder-decoder model (T5 by default), trained from the command 
 Sections, in order:
   1. Configuration   ModelConfig: everything that shapes the model, kept once, saved in its state dict.
   2. Safe file I/O   weights-only loading, atomic writes, one-line errors for a full disk.
-  3. Manifests       TSV (id / duration / text), How2Sign's CSV, JSON, JSON Lines; video-level diagnosis, spans.
-  4. Frame store     every clip file read once, into a memory-mapped store on local disk.
+  3. Manifests       TSV, How2Sign's CSV, Tarrés et al.'s and SSVP-SLT's, JSON; video-level diagnosis, spans.
+  4. Frame store     clip files found (subfolders too, pickles refused), read once into a local memory-mapped store.
   5. Dataset         How2SignDataset (clips, texts, lengths, frame statistics) and its collates.
   6. Encoder         SentenceEncoder: the users' fine-tuned mean-pool MLP (best_encoder.pt).
   7. Bridge          the sentence embedding and the frames -> the decoder's input tokens and frame memory.
@@ -212,6 +212,7 @@ DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuni
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
 FEATURE_SUFFIXES = (".npy", ".pt")
+PICKLE_SUFFIXES = (".pkl", ".pickle")
 ORIGINAL_PAD_FRAMES = 300    # the original collate padded (or cut) every clip to 300 frames
 
 
@@ -234,6 +235,8 @@ def safe_torch_load(path, what="checkpoint"):
     if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
         raise UserError(f"{path}: the {what} is truncated (an interrupted download or copy); "
                         "copy it again or use an earlier one")
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":     # neither torch's zip format nor its legacy pickle
+        raise UserError(f"{path}: the {what} is not a PyTorch checkpoint (saved with torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds; all mean "this file is not usable"
@@ -337,7 +340,7 @@ def valid_length(features):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Manifests: TSV (id / duration / text), official How2Sign CSV, JSON, JSON Lines
+# 3. Manifests: TSV (id / duration / text), How2Sign's CSV, Tarrés et al.'s and SSVP-SLT's TSVs, JSON, JSON Lines
 
 
 @dataclass
@@ -384,34 +387,76 @@ def decode_lines(path):
     return lines
 
 
+class Manifest(list):
+    """A manifest's rows, and the layout they were read as (named by --check and the training log)."""
+
+    def __init__(self, rows, layout):
+        super().__init__(rows)
+        self.layout = layout
+
+
+def is_pickle(path):
+    """Whether a file is a pickle (protocol 2 or later), or an .npy whose array holds one (object dtype)."""
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if head[:1] == b"\x80":
+        return True
+    if head == b"\x93NUMPY":
+        try:
+            np.load(path, allow_pickle=False, mmap_mode="r")
+        except ValueError:
+            return True
+    return False
+
+
+def is_ssvp_row(fields):
+    """SSVP-SLT's headerless `<split>_features.tsv`: video_name (with its .mp4), length, label."""
+    return len(fields) >= 3 and fields[0].strip().endswith(".mp4") and fields[1].strip().isdigit()
+
+
 def read_manifest(path):
     """Rows of a manifest, format chosen by extension and header. Raises UserError on a bad file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}" + (" (it is a folder: pass the manifest file)"
                                                          if path.is_dir() else ""))
+    if path.suffix in PICKLE_SUFFIXES or is_pickle(path):
+        raise refuse_pickle(path, "manifest")        # (SpaMo's *_info_ml.npy needs allow_pickle=True)
     if path.suffix in (".json", ".jsonl"):
-        return _read_json_manifest(path)
+        return Manifest(_read_json_manifest(path), "JSON Lines" if path.suffix == ".jsonl" else "JSON")
     reader = csv.reader(decode_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
     header = [name.strip() for name in next(reader, [])]
     columns = {name: i for i, name in enumerate(header)}
+    first_line = 2
     if {"SENTENCE_NAME", "SENTENCE"} <= set(columns):  # official how2sign_realigned_*.csv
+        layout = "How2Sign's realigned CSV (SENTENCE_NAME, SENTENCE, VIDEO_NAME, START/END_REALIGNED)"
         names = dict(id="SENTENCE_NAME", text="SENTENCE", video="VIDEO_NAME",
                      start="START_REALIGNED" if "START_REALIGNED" in columns else "START",
                      end="END_REALIGNED" if "END_REALIGNED" in columns else "END")
+    elif {"id", "signs_file", "translation"} <= set(columns):
+        layout = ("Tarrés et al. 2023's fairseq TSV (id, signs_file, translation): each clip is found by its id "
+                  "under the features folder; signs_file (the authors' cluster paths) is not read")
+        names = dict(id="id", text="translation")
     elif {"id", "text"} <= set(columns):
+        layout = "TSV (id, duration, text)"
         names = dict(id="id", text="text", video="video", start="start", end="end", duration="duration")
+    elif is_ssvp_row(header):
+        layout = "SSVP-SLT's features manifest (headerless: video_name, length, label)"
+        columns, names, first_line = {"id": 0, "text": 2}, dict(id="id", text="text"), 1
+        reader = itertools.chain([header], reader)
     else:
         raise UserError(f"{path}: unknown manifest header {header[:8]}; expected a tab-separated "
-                        "header 'id<TAB>duration<TAB>text' or How2Sign's SENTENCE_NAME/SENTENCE")
-    rows = []
-    for line, fields in enumerate(reader, start=2):
+                        "header 'id<TAB>duration<TAB>text', How2Sign's SENTENCE_NAME/SENTENCE, Tarrés et al.'s "
+                        "id/signs_file/translation, or SSVP-SLT's headerless video_name/length/label")
+    rows = Manifest([], layout)
+    for line, fields in enumerate(reader, start=first_line):
         if not any(value.strip() for value in fields):
             continue
         row = {key: fields[columns[name]].strip() if columns.get(name, len(fields)) < len(fields) else ""
                for key, name in names.items()}          # a short row lacks its last columns: ""
-        rows.append(ManifestRow(row["id"], row["text"], line, video=row["video"] or None,
-                                start=float_or_none(row["start"]), end=float_or_none(row["end"]),
+        clip_id = row["id"][: -len(".mp4")] if row["id"].endswith(".mp4") else row["id"]
+        rows.append(ManifestRow(clip_id, row["text"], line, video=row.get("video") or None,
+                                start=float_or_none(row.get("start")), end=float_or_none(row.get("end")),
                                 duration=float_or_none(row.get("duration"))))
     return rows
 
@@ -442,9 +487,13 @@ def _read_json_manifest(path):
 
 
 def rows_from_folder(features_dir):
-    """One row per clip file, id = file name without extension (--predict without a manifest)."""
-    files = sorted(f for f in Path(features_dir).iterdir() if f.suffix in FEATURE_SUFFIXES)
-    return [ManifestRow(f.stem, "", i, features=str(f)) for i, f in enumerate(files, start=1)]
+    """One row per clip file (subfolders too), id = file name without extension (--predict without a manifest)."""
+    files = sorted(feature_files(features_dir).items())
+    for _, path in files:
+        if path.suffix in PICKLE_SUFFIXES:
+            raise refuse_pickle(path)
+    return Manifest([ManifestRow(stem, "", i, features=str(path)) for i, (stem, path) in enumerate(files, start=1)],
+                    "the clip files of a folder")
 
 
 def texts_by_id(rows):
@@ -549,17 +598,52 @@ def assign_spans(rows, path):
 
 
 def feature_files(features_dir):
-    """{file name without extension: path} of the clip files in a folder, from one listing (one call on
-    Google Drive instead of a lookup per clip); .npy wins over .pt of the same name."""
+    """{file name without extension: path} of the clip files in a folder and its subfolders (SSVP-SLT's
+    `<epoch>/<video_name[:5]>/<name>.pt` tree), one listing per folder (one call on Google Drive instead of
+    a lookup per clip); .npy wins over .pt of the same name. Pickle files are listed too, to be refused."""
     found = {}
     if not Path(features_dir).is_dir():
         raise UserError(f"features folder not found: {features_dir}")
-    with os.scandir(features_dir) as entries:
-        for entry in entries:
-            stem, suffix = os.path.splitext(entry.name)
-            if suffix in FEATURE_SUFFIXES and (stem not in found or suffix == FEATURE_SUFFIXES[0]):
-                found[stem] = Path(entry.path)
+    for folder, _, names in os.walk(features_dir):
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix not in FEATURE_SUFFIXES + PICKLE_SUFFIXES:
+                continue
+            path = Path(folder) / name
+            if stem in found and found[stem].parent != path.parent:
+                raise UserError(f"clip '{stem}' is in two folders of {features_dir} ({found[stem].parent} and "
+                                f"{path.parent}): pass the folder of one extraction (SSVP-SLT: <root>/<epoch>)")
+            if stem not in found or suffix == FEATURE_SUFFIXES[0]:
+                found[stem] = path
     return found
+
+
+def refuse_pickle(path, what="clip"):
+    """The one line for a pickle-based file (Uni-Sign's pose .pkl clips, SpaMo's annotation .npy)."""
+    return UserError(f"{path}: this {what} is a Python pickle, which can run code when loaded, so it is not "
+                     "loaded here. On a machine you trust, convert it: load it with pickle (or np.load(..., "
+                     "allow_pickle=True)) and write its (T, D) array with np.save as <id>.npy (a manifest: as a "
+                     "TSV with id, duration and text columns)")
+
+
+def clip_files(rows, manifest, features_dir, spans):
+    """{clip file: its rows} (a file holds one clip, or with --feature_fps one video's sentences): a row's
+    own path (JSON manifests), else the file named by its id (or video) under the features folder."""
+    files, listing = defaultdict(list), None
+    for row in rows:
+        if row.features:
+            path = row.features
+        elif features_dir is None:
+            raise UserError(f"{manifest}: rows have no 'features' path; pass the features folder")
+        else:
+            stem = row.file_stem(spans=spans)
+            listing = listing if listing is not None else feature_files(features_dir)
+            found = listing.get(stem)
+            if found is not None and found.suffix in PICKLE_SUFFIXES:
+                raise refuse_pickle(found)
+            path = str(found) if found else str(Path(features_dir) / f"{stem}.npy|.pt")
+        files[path].append(row)
+    return files
 
 
 @dataclass
@@ -891,24 +975,14 @@ class How2SignDataset(Dataset):
         self.trim_zero_frames = trim_zero_frames
         self.feature_fps = feature_fps
         rows = read_manifest(manifest) if manifest is not None else rows_from_folder(features_dir)
+        self.layout = rows.layout
         self.diagnosis = None if feature_fps else video_level_diagnosis(rows, manifest)
         kept, self.skipped = screen_manifest_rows(rows, require_text, spans=bool(feature_fps))
         self.span_reading = assign_spans(kept, manifest) if feature_fps else None
         kept = self._unique(kept)
         if max_samples:
             kept = kept[:max_samples]
-        files, listing = defaultdict(list), None     # feature file -> its rows, so each file is read once
-        for row in kept:
-            if row.features:
-                path = row.features
-            elif features_dir is None:
-                raise UserError(f"{manifest}: rows have no 'features' path; pass the features folder")
-            else:
-                stem = row.file_stem(spans=bool(feature_fps))
-                listing = listing if listing is not None else feature_files(features_dir)
-                found = listing.get(stem)
-                path = str(found) if found else str(Path(features_dir) / f"{stem}.npy|.pt")
-            files[path].append(row)
+        files = clip_files(kept, manifest, features_dir, spans=bool(feature_fps))   # each file read once
         spans_by_file = {path: [(row.start, row.end) if feature_fps else None for row in file_rows]
                          for path, file_rows in files.items()}
         cache = self.store = None
@@ -927,12 +1001,14 @@ class How2SignDataset(Dataset):
         self.ids, self.texts, self.paths, self.first_frames, self.stored = [], [], [], [], []
         means, lengths = [], []
         frame_sum = frame_square_sum = 0
+        self.clamped = 0       # spans whose end runs past their file's frames (How2Sign's realigned times do)
         for row, path, scan in results:
             if not scan.error and scan.dim != self.feature_dim:
                 scan.error = f"wrong feature dimension ({scan.dim}, expected {self.feature_dim})"
             if scan.error:
                 self.skipped.append((row.id, scan.error))
                 continue
+            self.clamped += bool(feature_fps and row.end is not None and round(row.end * feature_fps) > scan.first + scan.length)
             self.ids.append(row.id)
             self.texts.append(row.text)
             self.paths.append(path)
@@ -977,6 +1053,11 @@ class How2SignDataset(Dataset):
 
     def __len__(self):
         return len(self.ids)
+
+    def reading(self):
+        """How the split was read, for --check and the log: its layout, and the spans cut at their file's end."""
+        return [f"read as {self.layout}"] + ([f"{self.clamped} spans end past their video's features (How2Sign's "
+                                              "realigned times can): cut at the file's end"] if self.clamped else [])
 
     def fingerprint(self):
         """sha256 of the split as used (after skips): its samples' ids, texts and spans, sorted by id."""
@@ -2074,18 +2155,20 @@ def load_model_state(model, state_dict, path):
                         f"{missing[:5] or 'none'}; unexpected keys: {result.unexpected_keys[:5] or 'none'})")
 
 
-def resume_config(checkpoint, config, args, given, path):
-    """The configuration a run resumed from last.pt trains: last.pt's, with this command line's
-    gradient checkpointing. A flag typed now that contradicts it, or another --feature_fps, is one line."""
-    saved = check_model_checkpoint(checkpoint, path, RESUME_KEYS)
+def adopted_config(checkpoint, config, args, given, path, resume=True):
+    """The configuration of a run that continues a checkpoint: --resume's last.pt, or --init_from's trained
+    model (a new run on new data). It is the checkpoint's, with this command line's gradient checkpointing;
+    a flag typed now that contradicts it is one line, and so is another --feature_fps on --resume."""
+    saved = check_model_checkpoint(checkpoint, path, RESUME_KEYS if resume else ())
     differences = [f"--{name} {getattr(saved, name)!r} (now {getattr(config, name)!r})" for name in ModelConfig.FLAGS
                    if name in given and name != "gradient_checkpointing" and getattr(saved, name) != getattr(config, name)]
     fps = checkpoint.get("args", {}).get("feature_fps")
-    if fps != args.feature_fps:
+    if resume and fps != args.feature_fps:
         differences.append(f"--feature_fps {fps!r} (now {args.feature_fps!r})")
     if differences:
-        raise UserError(f"cannot resume from {path}: it was trained with " + ", ".join(differences)
-                        + "; rerun with the same flags or use another --output_dir")
+        raise UserError(f"cannot {'resume' if resume else 'start'} from {path}: it was trained with "
+                        + ", ".join(differences) + "; leave those flags out (they come from the checkpoint)"
+                        + (" or use another --output_dir" if resume else ""))
     return saved.replace(gradient_checkpointing=config.gradient_checkpointing)
 
 
@@ -2541,6 +2624,8 @@ def warn_if_test_is_not_held_out(val, test):
 
 def report_dataset(dataset, manifest):
     """The log lines every run prints about a split: how it was read, what was skipped."""
+    for line in dataset.reading():
+        logger.info(f"{dataset.split}: {line}")
     if dataset.span_reading:
         logger.info(f"{dataset.split}: --feature_fps {dataset.feature_fps:g}: spans from {dataset.span_reading}.")
     summary = skip_summary(dataset)
@@ -2569,12 +2654,14 @@ def write_best_predictions(out, predictions):
 
 
 def score_record(scores, prefix="val"):
-    """Scores under the one key scheme of the log, metrics.jsonl, results.json and the trackers:
-    <prefix>_bleu, <prefix>_bleu_1..4, <prefix>_chrf, <prefix>_rouge_l."""
-    return {f"{prefix}_bleu": scores["bleu"], f"{prefix}_chrf": scores["chrf"],
-            **{f"{prefix}_bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
-            **({f"{prefix}_rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {}),
-            f"{prefix}_repeat_4gram_share": scores["repeat_4gram_share"], f"{prefix}_length_ratio": scores["length_ratio"]}
+    """Scores under the one key scheme of the log, metrics.jsonl, results.json, sweep.json and the trackers:
+    <prefix>_bleu, <prefix>_bleu_1..4, <prefix>_chrf, <prefix>_rouge_l, <prefix>_repeat_4gram_share,
+    <prefix>_length_ratio (no prefix: the bare names)."""
+    p = f"{prefix}_" if prefix else ""
+    return {f"{p}bleu": scores["bleu"], f"{p}chrf": scores["chrf"],
+            **{f"{p}bleu_{n}": value for n, value in enumerate(scores["bleu_n"], start=1)},
+            **({f"{p}rouge_l": scores["rouge_l"]} if scores["rouge_l"] is not None else {}),
+            f"{p}repeat_4gram_share": scores["repeat_4gram_share"], f"{p}length_ratio": scores["length_ratio"]}
 
 
 def describe_scores(scores):
@@ -2683,10 +2770,16 @@ class Trainer:
         random.seed(args.seed)
         config = ModelConfig.from_args(args)
         resume_from = self.resume_checkpoint() if args.resume else None   # refused early, before any data is read
-        if resume_from:
-            config = resume_config(resume_from, config, args, self.given, self.out / "last.pt")
+        init_from = safe_torch_load(args.init_from, "--init_from checkpoint") if args.init_from else None
+        if resume_from or init_from:
+            config = adopted_config(resume_from or init_from, config, args, self.given,
+                                    self.out / "last.pt" if resume_from else args.init_from, resume=bool(resume_from))
         self.raw_model = SONARwithT5(args.sonar_checkpoint, config=config, device=self.device)
         self.config = self.raw_model.config
+        if init_from:   # a second stage: the trained weights (and their input statistics), a new run on new data
+            load_model_state(self.raw_model, init_from["model_state_dict"], args.init_from)
+            logger.info(f"--init_from {args.init_from}: starting from its weights (epoch {init_from.get('epoch', '?')} of "
+                        "that run); epoch 1 of a new run, with a new optimizer and schedule")
         if advice := frame_route_advice(self.config):
             logger.warning(advice)
         datasets = self.load_datasets()
@@ -2701,7 +2794,8 @@ class Trainer:
             for dataset in datasets.values():
                 dataset.sentence_embeddings = train_embeddings if dataset is self.train_set else \
                     encode_dataset(self.raw_model, dataset)
-        self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
+        if not init_from:   # (a trained model keeps the statistics its weights were trained with)
+            self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
         self.build_optimizer()
         if resume_from:
             self.restore(resume_from, self.out / "last.pt")
@@ -3202,6 +3296,8 @@ def run_check(args):
         print(f"  {'ok ' if usable else 'ERR'} {split}: {dataset.manifest_rows()} manifest rows -> "
               f"{len(dataset)} usable clips "
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
+        for line in dataset.reading():
+            print(f"      {line}")
         if dataset.span_reading:
             print(f"      --feature_fps {args.feature_fps:g}: spans from {dataset.span_reading}")
         for reason, count in dataset.skip_kinds().most_common():
@@ -3277,10 +3373,8 @@ def run_sweep(model, batches, decoding, grid, precision, path):
             for predictions, setting in zip(outputs, settings):
                 sentences = model.decoder.generate(memory, mask, **generation_kwargs({**decoding, **setting}))
                 predictions += map(Prediction._make, zip(batch["index"].tolist(), batch["id"], batch["text"], sentences))
-    rows = sorted(({"settings": setting, **score_record(score_predictions(predictions), "sweep")}
-                   for setting, predictions in zip(settings, outputs)), key=lambda row: -row["sweep_bleu"])
-    rows = [{"settings": row["settings"], **{k[len("sweep_"):]: v for k, v in row.items() if k != "settings"}}
-            for row in rows]
+    rows = sorted(({"settings": setting, **score_record(score_predictions(predictions), prefix="")}
+                   for setting, predictions in zip(settings, outputs)), key=lambda row: -row["bleu"])
     logger.info("| " + " | ".join(grid) + " | BLEU | chrF | repeat a 4-gram | length ratio |")
     for row in rows:
         logger.info("| " + " | ".join(f"{row['settings'][name]:g}" for name in grid) + f" | {row['bleu']:.2f} | "
@@ -3650,6 +3744,10 @@ def build_parser():
 
     g = p.add_argument_group("reliability")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
+    g.add_argument("--init_from", default=None, metavar="CHECKPOINT",
+                   help="start a new run (epoch 1, new optimizer, schedule and data) from a trained model's weights "
+                        "(best_model.pt), e.g. pretrained on a large set, then fine-tuned here; the flags that shape "
+                        "the model come from it")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N steps")
     g.add_argument("--strict", action="store_true", help="stop on any unusable clip instead of skipping it")
     g.add_argument("--max_bad_steps", type=int, default=5,
@@ -3734,6 +3832,9 @@ def validate_args(args):
         problems.append(str(error))
     if sum([args.check, args.predict, args.demo, bool(args.compare)]) > 1:
         problems.append("--check, --predict, --demo and --compare are separate modes: use one")
+    if args.resume and args.init_from:
+        problems.append("--resume and --init_from: --resume continues this --output_dir's run, --init_from starts a "
+                        "new one from another model; use one of them")
     if args.sweep and not args.predict:
         problems.append("--sweep goes with --predict (and --manifest): it decodes a trained model's clips")
     folders = []

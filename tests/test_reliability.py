@@ -117,7 +117,7 @@ def test_truncated_and_foreign_files_get_one_line_errors(project, tmp_path, caps
     data = good.read_bytes()
     cases = {
         "truncated.pt": (data[: len(data) // 2], "is truncated"),
-        "notes.pt": (b"these are my notes, not a checkpoint", "not a PyTorch checkpoint or truncated"),
+        "notes.pt": (b"these are my notes, not a checkpoint", "is not a PyTorch checkpoint (saved with torch.save)"),
     }
     for name, (content, expected) in cases.items():
         (tmp_path / name).write_bytes(content)
