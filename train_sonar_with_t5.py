@@ -1886,11 +1886,10 @@ class SONARwithT5(nn.Module):
             self.sonar_encoder.requires_grad_(False).eval()
         self.bridge = make_bridge(config, self.sonar_encoder.output_dim, decoder)
 
-    def rebuild(self, config, where=None, tokenizer_from=None, origin="this checkpoint"):
+    def rebuild(self, config):
         """This model as `config` describes it (the decoder kept when it is the same one)."""
         device, training = self.device, self.training
-        same = config.same_decoder(self.config)
-        decoder, tokenizer = (self.decoder, None) if same else decoder_for(config, where, tokenizer_from, origin)
+        decoder, tokenizer = (self.decoder, None) if config.same_decoder(self.config) else decoder_for(config)
         self.build(config, decoder, tokenizer)
         self.to(device).train(training)
 
