@@ -74,6 +74,7 @@ DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
 FRAME_ROUTES = ("encoder", "cross_attention")
 FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)
+FRAME_SUMMARIES = ("attention", "mean")   # what stands in for the sentence vector without an encoder
 # Decoder families measured to learn better with frames beside the encoder output (bench/quality.py,
 # docs/benchmarks/quality.md); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
@@ -97,7 +98,7 @@ class ModelConfig:
     fields), or SONARwithT5's keywords. Values that follow from it (the frame route `auto` picks, the prefix
     width, the target-language code) are derived, not stored. The state dict carries it (get_extra_state),
     so --resume, --predict, from_checkpoint and the guide's Cell 7 rebuild exactly what was trained."""
-    encoder_dims: tuple | None = None     # the sentence encoder's layer sizes (from its checkpoint)
+    encoder_dims: tuple | None = None     # the sentence encoder's layer sizes (from its checkpoint); None: frames alone
     feature_dim: int | None = None        # the frames' width (None: the encoder's input width)
     freeze_encoder: bool = flag(True, "bridge", "keep the sentence encoder frozen (--no-freeze_encoder trains it at "
                                 "--encoder_lr_scale)")
@@ -127,6 +128,9 @@ class ModelConfig:
                             "decoders, encoder for the others (BART, M2M100 / NLLB-200), as measured",
                             choices=FRAME_ROUTE_CHOICES)
     frame_memory_layers: int = flag(1, "frames", "route cross_attention: self-attention layers over the frame tokens", "0 or more")
+    frame_summary: str = flag("attention", "frames", "with no sentence encoder (--sonar_checkpoint none): what takes "
+                              "the sentence vector's place, learned from the frame tokens: 'attention' (a learned "
+                              "query reads them) or 'mean' (an MLP on their mean)", choices=FRAME_SUMMARIES)
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
                          "name or local folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
                          "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
@@ -149,6 +153,8 @@ class ModelConfig:
             raise UserError(f"unknown bridge '{self.bridge}' (choose from {BRIDGE_KINDS})")
         if self.frame_route not in FRAME_ROUTE_CHOICES:
             raise UserError(f"unknown frame route '{self.frame_route}' (choose from {FRAME_ROUTE_CHOICES})")
+        if self.frame_summary not in FRAME_SUMMARIES:
+            raise UserError(f"unknown frame summary '{self.frame_summary}' (choose from {FRAME_SUMMARIES})")
         if self.encoder_dims is not None:
             object.__setattr__(self, "encoder_dims", tuple(self.encoder_dims))
 
@@ -198,8 +204,14 @@ class ModelConfig:
         return self.prefix_dim or (ADAPTER_PREFIX_DIM if self.decoder_training != "full" else self.ff_width)
 
     @property
+    def uses_encoder(self):
+        """False for frames alone (--sonar_checkpoint none): a summary learned from the frames stands in."""
+        return self.encoder_dims is not None
+
+    @property
     def frame_width(self):
-        return self.feature_dim or self.encoder_dims[0]
+        """The frames' width: feature_dim, else the encoder's input width (None before either is known)."""
+        return self.feature_dim or (self.encoder_dims[0] if self.encoder_dims else None)
 
     def same_decoder(self, other):
         """Whether `other` holds the same decoder (its folder's name aside: it differs between machines)."""
@@ -1322,6 +1334,39 @@ class FrameMemory(nn.Module):
         return self.norm(tokens) * self.scale, (~padding).long()
 
 
+class FrameSummary(nn.Module):
+    """Frames alone (--sonar_checkpoint none): one vector per clip, learned from its frame tokens, where the
+    sentence encoder's embedding would go (the bridge's prefix and memory tokens are made from it).
+    `attention`: a learned query reads the frame tokens (one attention layer); `mean`: an MLP on their mean.
+    Trained with the bridge; LayerNorm-scaled, so the bridge's standardisation is left at the identity."""
+
+    def __init__(self, config):
+        super().__init__()
+        d_model = config.d_model
+        self.kind = config.frame_summary
+        if self.kind == "attention":
+            self.query = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+            self.attention = nn.MultiheadAttention(d_model, config.num_heads, dropout=config.bridge_dropout,
+                                                   batch_first=True)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(d_model, config.ff_width), nn.GELU(), nn.Dropout(config.bridge_dropout),
+                                     nn.Linear(config.ff_width, d_model))
+        self.norm = nn.LayerNorm(d_model)
+
+    @property
+    def output_dim(self):
+        return self.norm.normalized_shape[0]
+
+    def forward(self, tokens, padding):      # (B, T, d), padding mask (B, T) -> (B, d)
+        if self.kind == "attention":
+            query = self.query.expand(len(tokens), -1, -1).to(tokens.dtype)
+            pooled = self.attention(query, tokens, tokens, key_padding_mask=padding, need_weights=False)[0][:, 0]
+        else:
+            valid = (~padding)[..., None].to(tokens.dtype)
+            pooled = self.mlp((tokens * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1))
+        return self.norm(pooled)
+
+
 class Bridge(nn.Module):
     """What every bridge shares: input standardisation, the `expander` queries, the output scale."""
 
@@ -1366,11 +1411,13 @@ class Bridge(nn.Module):
 
     @torch.no_grad()
     def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
-        """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints)."""
-        embeddings = embeddings.float().to(self.embedding_mean.device)
-        self.embedding_mean.copy_(embeddings.mean(dim=0))
-        self.embedding_std.copy_(embeddings.std(dim=0, unbiased=False).clamp(min=1e-6)
-                                 if len(embeddings) > 1 else torch.ones_like(self.embedding_std))
+        """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints); embeddings
+        None (frames alone: the summary is learned) leaves their standardisation at the identity."""
+        if embeddings is not None:
+            embeddings = embeddings.float().to(self.embedding_mean.device)
+            self.embedding_mean.copy_(embeddings.mean(dim=0))
+            self.embedding_std.copy_(embeddings.std(dim=0, unbiased=False).clamp(min=1e-6)
+                                     if len(embeddings) > 1 else torch.ones_like(self.embedding_std))
         if self.frame_encoder is not None and frame_mean is not None:
             self.frame_encoder.frame_mean.copy_(frame_mean)
             self.frame_encoder.frame_std.copy_(frame_std.clamp(min=1e-6))
@@ -1839,6 +1886,8 @@ class SONARwithT5(nn.Module):
       guide         the guide's bridge: attention over ONE key, so every query gets the same vector
     With frames (the default) the bridge also reads the clip's frame tokens, and the decoder reads them
     beside its encoder's output (route cross_attention) or in its encoder after the bridge's tokens.
+    Frames alone: SONARwithT5(None, feature_dim=D, ...) (--sonar_checkpoint none) has no sentence encoder;
+    a FrameSummary learned from the frame tokens takes the sentence embedding's place.
 
     Calls:  model(batch) -> (loss, target tokens)            the trainer's batch dicts
             model(features, target_texts) -> loss              the original API: (B, T, D) zero-padded
@@ -1846,19 +1895,17 @@ class SONARwithT5(nn.Module):
     """
 
     def __init__(self, sonar_checkpoint=None, t5_model_name=DEFAULT_T5, freeze_encoder=True, device="cuda", *,
-                 decoder=None, tokenizer=None, config=None, **options):
+                 encoder=None, decoder=None, tokenizer=None, config=None, **options):
         super().__init__()
         if config is None:
             unknown = set(options) - {f.name for f in dataclasses.fields(ModelConfig)}
             if unknown:
                 raise TypeError(f"unknown SONARwithT5 options: {sorted(unknown)}")
             config = ModelConfig(**{"t5_model": str(t5_model_name), "freeze_encoder": freeze_encoder, **options})
-        encoder = None
         if sonar_checkpoint is not None:
             encoder = load_sonar_encoder(sonar_checkpoint)
+        if encoder is not None:
             config = config.replace(encoder_dims=encoder.dims)
-        elif config.encoder_dims is None:
-            raise UserError("SONARwithT5 needs sonar_checkpoint (or encoder_dims)")
         if decoder is None:
             decoder, tokenizer = load_decoder(config.t5_model)
         self.build(config, decoder, tokenizer, encoder)
@@ -1879,12 +1926,21 @@ class SONARwithT5(nn.Module):
                 facts["decoder_fingerprint"] = fingerprint
             config = config.replace(**facts)
             decoder = DecoderAdapter(decoder, tokenizer, config)
+        if not config.uses_encoder and not (config.feature_dim and config.frame_attention):
+            raise UserError("a model with no sentence encoder (sonar_checkpoint=None, --sonar_checkpoint none) reads "
+                            "the frames alone: it needs their width (feature_dim=D) and the frame path (drop "
+                            "--no-frame_attention); a trained best_model.pt loads with SONARwithT5.from_checkpoint(path)")
         self.config = config
         self.decoder = decoder
-        self.sonar_encoder = encoder if encoder is not None else SentenceEncoder(config.encoder_dims)
-        if config.freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
-            self.sonar_encoder.requires_grad_(False).eval()
-        self.bridge = make_bridge(config, self.sonar_encoder.output_dim, decoder)
+        if config.uses_encoder:
+            self.sonar_encoder = encoder if encoder is not None else SentenceEncoder(config.encoder_dims)
+            self.frame_summary = None
+            if config.freeze_encoder:  # frozen means frozen from the start: no gradient and no dropout
+                self.sonar_encoder.requires_grad_(False).eval()
+        else:
+            self.sonar_encoder, self.frame_summary = None, FrameSummary(config)
+        embed_dim = (self.sonar_encoder or self.frame_summary).output_dim
+        self.bridge = make_bridge(config, embed_dim, decoder)
 
     def rebuild(self, config):
         """This model as `config` describes it (the decoder kept when it is the same one)."""
@@ -1966,14 +2022,19 @@ class SONARwithT5(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if self.config.freeze_encoder:  # a frozen encoder also keeps its dropout off
+        if self.sonar_encoder is not None and self.config.freeze_encoder:  # a frozen encoder keeps its dropout off
             self.sonar_encoder.eval()
         return self
 
     # -- encoder, bridge, decoder ------------------------------------------------------------------
 
-    def sentence_embedding(self, batch):
-        """(B, E) from a batch: the cached embedding when frozen, else the encoder on the clip mean."""
+    def sentence_embedding(self, batch, frame_tokens=None, frame_padding=None):
+        """(B, E) from a batch: the cached embedding when frozen, else the encoder on the clip mean; with no
+        encoder the frame summary of the clip's frame tokens (encoded here unless given)."""
+        if self.sonar_encoder is None:
+            if frame_tokens is None:
+                frame_tokens, frame_padding = self.frame_tokens(batch)
+            return self.frame_summary(frame_tokens, frame_padding)
         if self.config.freeze_encoder and "sentence_embedding" in batch:
             return batch["sentence_embedding"].to(self.device)
         if "clip_mean" in batch:
@@ -2001,7 +2062,7 @@ class SONARwithT5(nn.Module):
         """The bridge's output for a batch: (B, Q, d_model). Frame tokens are encoded here unless given."""
         if frame_tokens is None:
             frame_tokens, frame_padding = self.frame_tokens(batch)
-        return self.bridge(self.sentence_embedding(batch), frame_tokens, frame_padding)
+        return self.bridge(self.sentence_embedding(batch, frame_tokens, frame_padding), frame_tokens, frame_padding)
 
     def encoder_inputs(self, batch):
         """What the decoder's encoder reads and its mask: the bridge's Q tokens, then on the frame route
@@ -2159,6 +2220,10 @@ def adopted_config(checkpoint, config, args, given, path, resume=True):
     model (a new run on new data). It is the checkpoint's, with this command line's gradient checkpointing;
     a flag typed now that contradicts it is one line, and so is another --feature_fps on --resume."""
     saved = check_model_checkpoint(checkpoint, path, RESUME_KEYS if resume else ())
+    if "sonar_checkpoint" in given and (args.sonar_checkpoint is None) == saved.uses_encoder:
+        raise UserError(f"cannot {'resume' if resume else 'start'} from {path}: it was trained "
+                        + ("with a sentence encoder; leave out --sonar_checkpoint none" if saved.uses_encoder else
+                           "with no sentence encoder (frames alone); leave out --sonar_checkpoint or give none"))
     differences = [f"--{name} {getattr(saved, name)!r} (now {getattr(config, name)!r})" for name in ModelConfig.FLAGS
                    if name in given and name != "gradient_checkpointing" and getattr(saved, name) != getattr(config, name)]
     fps = checkpoint.get("args", {}).get("feature_fps")
@@ -2327,12 +2392,16 @@ COLLAPSE_SHARE = 0.5     # distinct predictions below half the references' disti
 FLAT_SPREAD = 1e-3       # relative spread below which a stage passes on no difference
 
 
-def diagnose_collapse(diagnostics):
-    """One plain sentence naming where collapse starts and what to try, or None when healthy."""
+def diagnose_collapse(diagnostics, frames_alone=False):
+    """One plain sentence naming where collapse starts and what to try, or None when healthy. With frames
+    alone the "encoder" numbers are the frame summary's."""
     d = diagnostics
     if d["distinct_share"] >= COLLAPSE_SHARE * d["reference_distinct_share"]:
         return None
     share = f"only {d['distinct_share']:.0%} of predictions are distinct"
+    if frames_alone and d["encoder_spread"] < FLAT_SPREAD:
+        return (f"Mode collapse ({share}) starts in the FRAMES: the summaries learned from different clips' frames "
+                f"are identical (spread {d['encoder_spread']:.1e}); check that the clips differ (--check) and train longer.")
     if d["encoder_spread"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the ENCODER: its embeddings of different clips are "
                 f"identical (spread {d['encoder_spread']:.1e}); retrain or unfreeze it "
@@ -2770,30 +2839,44 @@ class Trainer:
         config = ModelConfig.from_args(args)
         resume_from = self.resume_checkpoint() if args.resume else None   # refused early, before any data is read
         init_from = safe_torch_load(args.init_from, "--init_from checkpoint") if args.init_from else None
-        if resume_from or init_from:
+        encoder = None
+        if resume_from or init_from:   # (the encoder's weights, when it has one, come with the checkpoint's)
             config = adopted_config(resume_from or init_from, config, args, self.given,
                                     self.out / "last.pt" if resume_from else args.init_from, resume=bool(resume_from))
-        self.raw_model = SONARwithT5(args.sonar_checkpoint, config=config, device=self.device)
+        elif args.sonar_checkpoint is not None:
+            encoder = load_sonar_encoder(args.sonar_checkpoint)
+            config = config.replace(encoder_dims=encoder.dims)
+        datasets = self.load_datasets(config)
+        if config.frame_width is None:   # frames alone: the training clips' width
+            config = config.replace(feature_dim=datasets["train"].feature_dim)
+        self.raw_model = SONARwithT5(None, config=config, encoder=encoder, device=self.device)
         self.config = self.raw_model.config
-        if init_from:   # a second stage: the trained weights (and their input statistics), a new run on new data
-            load_model_state(self.raw_model, init_from["model_state_dict"], args.init_from)
+        for dataset in datasets.values():
+            dataset.tokenize(self.raw_model, args.max_target_length)
+        if not self.config.uses_encoder:
+            logger.info(f"No sentence encoder (--sonar_checkpoint none): frames alone, {self.config.feature_dim}-d; a "
+                        f"summary learned from the frame tokens ('{self.config.frame_summary}') takes the sentence "
+                        "embedding's place")
+        if resume_from or init_from:   # its weights and input statistics (the encoder's cache below needs them)
+            load_model_state(self.raw_model, (resume_from or init_from)["model_state_dict"],
+                             self.out / "last.pt" if resume_from else args.init_from)
+        if init_from:   # a second stage: a new run on new data
             logger.info(f"--init_from {args.init_from}: starting from its weights (epoch {init_from.get('epoch', '?')} of "
                         "that run); epoch 1 of a new run, with a new optimizer and schedule")
         if advice := frame_route_advice(self.config):
             logger.warning(advice)
-        datasets = self.load_datasets()
         self.train_set, self.val_set, self.test_set = datasets["train"], datasets["val"], datasets.get("test")
         if self.test_set is not None:
             warn_if_test_is_not_held_out(self.val_set, self.test_set)
         self.fingerprints = {split: dataset.fingerprint() for split, dataset in datasets.items()}
         logger.info("data fingerprints (sha256 of each split as used): "
                     + ", ".join(f"{split} {value[:12]}" for split, value in self.fingerprints.items()))
-        train_embeddings = encode_dataset(self.raw_model, self.train_set)
-        if self.config.freeze_encoder:  # computed once, reused every epoch and for evaluation
+        train_embeddings = encode_dataset(self.raw_model, self.train_set) if self.config.uses_encoder else None
+        if self.config.uses_encoder and self.config.freeze_encoder:  # computed once, reused every epoch and for evaluation
             for dataset in datasets.values():
                 dataset.sentence_embeddings = train_embeddings if dataset is self.train_set else \
                     encode_dataset(self.raw_model, dataset)
-        if not init_from:   # (a trained model keeps the statistics its weights were trained with)
+        if not (resume_from or init_from):   # (a trained model keeps the statistics its weights were trained with)
             self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
         self.build_optimizer()
         if resume_from:
@@ -2808,13 +2891,15 @@ class Trainer:
             self.raw_model.decoder.export(self.out / "t5_export", weights=False)
             self.reporter = RunReporter(report_backends(args.report_to), self.out, args, resume=args.resume)
 
-    def load_datasets(self):
-        args, config = self.args, self.config
-        datasets, skipped = {}, []
+    def load_datasets(self, config):
+        """Every split, read and checked (its targets are tokenised once the model is built). The clips'
+        width: the model's, or with frames alone (none known yet) the training split's."""
+        args = self.args
+        datasets, skipped, width = {}, [], config.frame_width
         for split, manifest, features in data_splits(args):
-            dataset = load_split(args, split, manifest, features, config.frame_width, config.frame_attention,
+            dataset = load_split(args, split, manifest, features, width, config.frame_attention,
                                  progress=self.world.is_main)
-            dataset.tokenize(self.raw_model, args.max_target_length)
+            width = width or dataset.feature_dim
             report_dataset(dataset, manifest)
             lost = dataset.lost_share()
             if lost > args.max_skip_share:
@@ -2855,7 +2940,7 @@ class Trainer:
         return safe_torch_load(path, "resume checkpoint")
 
     def restore(self, checkpoint, path):
-        load_model_state(self.raw_model, checkpoint["model_state_dict"], path)   # built from its config: no rebuild
+        """The optimizer, schedule, random state and progress of last.pt (setup loaded its weights)."""
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
             self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
@@ -3038,11 +3123,13 @@ class Trainer:
                     f"{describe_scores(scores)} | distinct predictions {diagnostics['distinct_share']:.0%} "
                     f"({record['eval_clips']} clips)")
         logger.info(f"  sacreBLEU {scores['signature']}")
-        logger.info(f"  diagnostics: encoder cosine {diagnostics['encoder_cosine']:.4f} (spread "
+        frames_alone = not self.config.uses_encoder
+        logger.info(f"  diagnostics: {'frame summary' if frames_alone else 'encoder'} cosine "
+                    f"{diagnostics['encoder_cosine']:.4f} (spread "
                     f"{diagnostics['encoder_spread']:.2e}) | bridge spread across clips "
                     f"{diagnostics['bridge_spread_clips']:.3f}, across positions "
                     f"{diagnostics['bridge_spread_positions']:.3f}")
-        verdict = diagnose_collapse(diagnostics)
+        verdict = diagnose_collapse(diagnostics, frames_alone)
         if verdict:
             logger.warning("  " + verdict)
         for n, p in enumerate(predictions[:5], start=1):
@@ -3065,7 +3152,8 @@ class Trainer:
                    "val_clips": len(predictions), "skipped_steps": self.state.skipped_steps,
                    "epochs_trained": self.state.epoch, "selection_metric": self.args.early_stopping_metric,
                    "data_fingerprints": {split: self.fingerprints.get(split) for split in ("train", "val", "test")},
-                   "args": plain_args(self.args)}
+                   "sentence_encoder": list(self.config.encoder_dims) if self.config.uses_encoder else None,
+                   "frames_alone": not self.config.uses_encoder, "args": plain_args(self.args)}
         test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
         if test:
             results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
@@ -3267,9 +3355,13 @@ def run_check(args):
     ok, encoder_dim = True, None
     print("Checking the files a training run needs:")
     try:
-        encoder = load_sonar_encoder(args.sonar_checkpoint)
-        encoder_dim = encoder.input_dim
-        print(f"  ok  encoder checkpoint {args.sonar_checkpoint} (layers {' -> '.join(map(str, encoder.dims))})")
+        if args.sonar_checkpoint is None:
+            print("  ok  no sentence encoder (--sonar_checkpoint none): frames alone, the frames' width from the "
+                  f"training clips; a summary learned from them ('{args.frame_summary}') takes the embedding's place")
+        else:
+            encoder = load_sonar_encoder(args.sonar_checkpoint)
+            encoder_dim = encoder.input_dim
+            print(f"  ok  encoder checkpoint {args.sonar_checkpoint} (layers {' -> '.join(map(str, encoder.dims))})")
     except UserError as error:
         ok = False
         print(f"  ERR {error}")
@@ -3289,6 +3381,7 @@ def run_check(args):
             ok = False
             print(f"  ERR {error}")
             continue
+        encoder_dim = encoder_dim or dataset.feature_dim   # frames alone: every split at the training clips' width
         usable = dataset.lost_share() <= args.max_skip_share     # the rule training stops on
         ok = ok and usable
         dims = ", ".join(f"{d}-d x{n}" for d, n in sorted(dataset.dim_counts.items()))
@@ -3638,7 +3731,9 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model paths (the guide's flags)")
     g.add_argument("--sonar_checkpoint", default="checkpoints/sonar_encoder_finetuned/best_encoder.pt",
-                   help="fine-tuned encoder checkpoint (state dict; encoder_/model_state_dict; 'encoder.' prefix ok)")
+                   type=lambda value: None if value.lower() == "none" else value,
+                   help="fine-tuned encoder checkpoint (state dict; encoder_/model_state_dict; 'encoder.' prefix ok), "
+                        "or 'none': frames alone, no sentence encoder (--frame_summary takes its place)")
     g.add_argument("--train_features", default="features/train", help="folder of <id>.npy / <id>.pt clips")
     g.add_argument("--train_manifest", default="manifests/train.tsv",
                    help="TSV (id, duration, text), How2Sign CSV, JSON or JSONL")
@@ -3815,6 +3910,10 @@ def validate_args(args):
     if args.frame_kernel < args.frame_stride:
         problems.append(f"--frame_kernel {args.frame_kernel} must be at least --frame_stride {args.frame_stride} "
                         "(frames between windows would be skipped)")
+    if args.sonar_checkpoint is None and not args.frame_attention:
+        problems.append("--sonar_checkpoint none reads the frames alone: it needs the frame path (drop --no-frame_attention)")
+    if args.sonar_checkpoint is None and not args.freeze_encoder:
+        problems.append("--no-freeze_encoder with --sonar_checkpoint none: there is no sentence encoder to train")
     if args.freeze_t5 and args.lora_rank:
         problems.append("--freeze_t5 and --lora_rank: LoRA already keeps the base frozen; use one of them")
     if args.lora_rank and not args.check and not args.predict and importlib.util.find_spec("peft") is None:
