@@ -3,11 +3,19 @@
     python bench/scale.py                          # 31,000 clips of (100-150, 768) fp32 (~12 GB of .npy)
     python bench/scale.py --clips 3000             # a quick run
     python bench/scale.py --read_delay_ms 20       # each clip read (and stat) delayed, as on Google Drive
+    python bench/scale.py --layout tarres          # Tarres et al.'s release: 31,000 x (100-700, 1024), no encoder
 
 Builds, once under --root, a How2Sign-sized training set: --clips clips of SignHiera-shaped features
 (768-d, 100-150 frames each, float32 .npy files), a 64-clip validation set, the users' encoder (768 ->
-1024) and a tiny T5 (the measurement is about the data path, not the decoder). Then trains with the
-default flags, each run for one epoch (or --steps optimizer steps), in fresh processes:
+1024) and a tiny T5 (the measurement is about the data path, not the decoder). --layout tarres instead
+lays the clips out as Tarres et al. 2023's I3D release does (`<split>/<SENTENCE_NAME>.npy` of (100-700,
+1024), one row per video frame; manifests cvpr23.fairseq.i3d.<split>.how2sign.tsv) and trains on frames
+alone (--sonar_checkpoint none): its users have no sentence encoder. Its 31,000 x ~400 x 1024 float32
+files would be 51 GB, which with their 25 GB fp16 store does not fit a 64 GB disk, so --distinct_files
+files are written and the others are hard links to them (each clip keeps its own name, manifest row and
+store entry; the cold run's reads of a linked file come from the page cache, so its start-up is a lower
+bound; warm runs read no clip file). Then trains with the default flags, each run for one epoch (or
+--steps optimizer steps), in fresh processes:
   cold          no frame store yet: every clip file read (with the delay) and written into the store
   warm          a second run on the same data (another --output_dir): the store is opened, no clip read
   warm_local    the same, without the delay (what local reads give)
@@ -33,32 +41,55 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_data(root, clips, dim=768, seed=0):
-    """Clip files, manifests, encoder and tiny T5 (skipped when `root/READY` says they are there)."""
+LAYOUTS = {   # layout -> (feature width, frames per clip (min, max), distinct files by default)
+    "ours": (768, (100, 150), 0),
+    "tarres": (1024, (100, 700), 1000),
+}
+TARRES_HEADER = ("id\tsigns_file\tsigns_offset\tsigns_length\tsigns_type\tsigns_lang\ttranslation\t"
+                 "translation_lang\tglosses\ttopic\tsigner_id")
+
+
+def manifest_path(root, layout, split):
+    return root / (f"cvpr23.fairseq.i3d.{split}.how2sign.tsv" if layout == "tarres" else f"{split}.tsv")
+
+
+def make_data(root, clips, layout="ours", distinct=0, seed=0):
+    """Clip files, manifests, encoder and tiny T5 (skipped when `root/READY` says they are there).
+    distinct > 0: that many distinct clip files; the others are hard links to them."""
     import numpy as np
     import torch
 
     import train_sonar_with_t5 as tsw
 
-    ready = root / "READY"
-    if ready.is_file() and json.loads(ready.read_text())["clips"] == clips:
+    dim, (shortest, longest), _ = LAYOUTS[layout]
+    ready, wanted = root / "READY", {"clips": clips, "dim": dim, "layout": layout, "distinct": distinct}
+    if ready.is_file() and json.loads(ready.read_text()) == wanted:
         return
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(seed)
     sentences = tsw.demo_sentences(clips + 64, rng)
+    written = []                                  # (path, frames) of the distinct files
     for split, (first, count) in {"train": (0, clips), "val": (clips, 64)}.items():
         folder = root / "features" / split
         folder.mkdir(parents=True)
-        lines = ["id\tduration\ttext"]
+        lines = [TARRES_HEADER if layout == "tarres" else "id\tduration\ttext"]
         for i in range(first, first + count):
-            frames = rng.standard_normal((int(rng.integers(100, 151)), dim), dtype=np.float32)
-            np.save(folder / f"clip{i:06d}.npy", frames)
-            lines.append(f"clip{i:06d}\t4.0\t{sentences[i]}")
-        (root / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+            name = f"clip{i:06d}" + ("-rgb_front" if layout == "tarres" else "")
+            path = folder / f"{name}.npy"
+            if distinct and len(written) >= distinct and split == "train":
+                source, length = written[i % distinct]
+                os.link(source, path)
+            else:
+                length = int(rng.integers(shortest, longest + 1))
+                np.save(path, rng.standard_normal((length, dim), dtype=np.float32))
+                written.append((path, length))
+            lines.append(f"{name}\t/mnt/cluster/i3d/{split}/{name}.npy\t0\t{length}\ti3d\tasl\t{sentences[i]}\ten\t\t"
+                         f"cooking\t1" if layout == "tarres" else f"{name}\t4.0\t{sentences[i]}")
+        manifest_path(root, layout, split).write_text("\n".join(lines) + "\n")
     torch.manual_seed(seed)
     torch.save({"encoder_state_dict": tsw.SentenceEncoder((dim, 512, 512, 1024)).state_dict()}, root / "encoder.pt")
     tsw.build_tiny_t5(tsw.build_tokenizer(sentences), root / "t5")
-    ready.write_text(json.dumps({"clips": clips, "dim": dim}))
+    ready.write_text(json.dumps(wanted))
 
 
 def child(args):
@@ -84,9 +115,10 @@ def child(args):
 
         tsw.load_clip_features, os.stat = slow_load, slow_stat
     root = Path(args.root)
-    argv = ["--sonar_checkpoint", str(root / "encoder.pt"), "--train_features", str(root / "features/train"),
-            "--train_manifest", str(root / "train.tsv"), "--val_features", str(root / "features/val"),
-            "--val_manifest", str(root / "val.tsv"), "--t5_model", str(root / "t5"), "--output_dir", args.out,
+    argv = ["--sonar_checkpoint", "none" if args.layout == "tarres" else str(root / "encoder.pt"),
+            "--train_features", str(root / "features/train"), "--train_manifest", str(manifest_path(root, args.layout, "train")),
+            "--val_features", str(root / "features/val"), "--val_manifest", str(manifest_path(root, args.layout, "val")),
+            "--t5_model", str(root / "t5"), "--output_dir", args.out,
             "--cache_dir", str(root / "cache"), "--device", "cpu", "--batch_size", "32", "--epochs", "1",
             "--report_to", "none"]
     cli = tsw.build_parser().parse_args(argv)
@@ -144,7 +176,7 @@ def run(args, name, delay, processes):
     out = Path(args.root) / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     child_args = [__file__, "--child", "--root", args.root, "--out", str(out), "--steps", str(args.steps),
-                  "--read_delay_ms", str(delay)]
+                  "--read_delay_ms", str(delay), "--layout", args.layout]
     command = ([sys.executable, *child_args] if processes == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                 *child_args])
@@ -169,7 +201,12 @@ def run(args, name, delay, processes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=31000, help="training clips (How2Sign train: ~31k)")
-    parser.add_argument("--root", default="bench/results/scale", help="data, store and runs go here")
+    parser.add_argument("--layout", default="ours", choices=list(LAYOUTS),
+                        help="ours: (100-150, 768) clips and the users' encoder; tarres: Tarres et al.'s release, "
+                             "(100-700, 1024) clips, frames alone")
+    parser.add_argument("--distinct_files", type=int, default=None,
+                        help="distinct clip files, the others hard links to them (default: 1000 for tarres, all for ours)")
+    parser.add_argument("--root", default=None, help="data, store and runs go here (default: bench/results/scale[_tarres])")
     parser.add_argument("--steps", type=int, default=0,
                         help="optimizer steps per run, shared by its processes (0: a whole epoch, so every clip's "
                              "frames are read once)")
@@ -181,9 +218,11 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args)
+    args.root = args.root or ("bench/results/scale" + ("_tarres" if args.layout == "tarres" else ""))
+    distinct = LAYOUTS[args.layout][2] if args.distinct_files is None else args.distinct_files
     root = Path(args.root)
     started = time.time()
-    make_data(root, args.clips)
+    make_data(root, args.clips, args.layout, distinct)
     data_s = time.time() - started
     runs = {"cold": (args.read_delay_ms, 1), "warm": (args.read_delay_ms, 1), "warm_local": (0, 1),
             "warm_torchrun": (args.read_delay_ms, 2)}
@@ -192,15 +231,18 @@ def main():
         shutil.rmtree(root / "cache", ignore_errors=True)      # cold: no store
     results = {name: run(args, name, *runs[name]) for name in runs if name in chosen}
     store = sum(f.stat().st_size for f in (root / "cache").rglob("frames.f16"))
-    files = sum(f.stat().st_size for f in (root / "features").rglob("*.npy"))
+    files = sum(f.stat().st_size for f in (root / "features").rglob("*.npy"))    # hard links counted each time
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
-    print(f"\n{args.clips} clips (768-d, 100-150 frames; {files / 2 ** 30:.1f} GB of .npy, frame store "
-          f"{store / 2 ** 30:.1f} GB), reads +{args.read_delay_ms:g} ms; {machine}; data built in {data_s:.0f} s")
+    dim, (shortest, longest), _ = LAYOUTS[args.layout]
+    print(f"\n{args.clips} clips, layout {args.layout} ({dim}-d, {shortest}-{longest} frames; {files / 2 ** 30:.1f} GB "
+          f"of .npy{f', {distinct} distinct files' if distinct else ''}; frame store {store / 2 ** 30:.1f} GB), reads "
+          f"+{args.read_delay_ms:g} ms; {machine}; data built in {data_s:.0f} s")
     print("| run | start-up to first step (s) | samples/s | used memory (GB, PSS) |")
     print("|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['first_step_s']:.1f} | {r['samples_per_s']:.1f} | {r['memory_gb']:.2f} |")
-    print(json.dumps({"clips": args.clips, "read_delay_ms": args.read_delay_ms, "store_gb": store / 2 ** 30,
+    print(json.dumps({"clips": args.clips, "layout": args.layout, "distinct_files": distinct,
+                      "read_delay_ms": args.read_delay_ms, "store_gb": store / 2 ** 30,
                       "files_gb": files / 2 ** 30, "machine": machine, "runs": results}))
 
 

@@ -7,6 +7,7 @@
     python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
     python bench/throughput.py --shapes t5-small --extra "--frame_route encoder"   # a candidate's flags for ours
     python bench/throughput.py --flops_by_module --shapes t5-small   # where our forward pass's FLOPs go
+    python bench/throughput.py --long_clips --shapes t5-small    # Tarres-shaped clips (100-700, 1024) by stride
 
 Same process, same generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300), same
 real-English targets, same batch size. Ours with and without frames each run two epochs and keep their
@@ -83,13 +84,13 @@ def duration_rate(durations, batch):
     return len(durations[WARMUP_STEPS:]) * batch / sum(durations[WARMUP_STEPS:])
 
 
-def make_data(root, shape, num_clips, feature_dim=256, seed=0):
+def make_data(root, shape, num_clips, feature_dim=256, seed=0, frames=(60, 300)):
     rng = np.random.default_rng(seed)
     sentences = tsw.demo_sentences(num_clips, rng)
     (root / "features").mkdir(parents=True)
     lines = ["id\tduration\ttext"]
     for i, sentence in enumerate(sentences):
-        np.save(root / "features" / f"c{i:05d}.npy", rng.normal(size=(rng.integers(60, 301), feature_dim))
+        np.save(root / "features" / f"c{i:05d}.npy", rng.normal(size=(rng.integers(frames[0], frames[1] + 1), feature_dim))
                 .astype(np.float32))
         lines.append(f"c{i:05d}\t3.0\t{sentence}")
     (root / "train.tsv").write_text("\n".join(lines) + "\n")
@@ -347,13 +348,24 @@ def matmul_peak(device):
 
 DECODER_TRAINING = {"full": [], "frozen": ["--freeze_t5"],
                     "frozen_checkpointing": ["--freeze_t5", "--gradient_checkpointing"], "lora_r8": ["--lora_rank", "8"]}
+CLIPS = {"default": dict(feature_dim=256, frames=(60, 300)),      # the clips of every other table here
+         "tarres": dict(feature_dim=1024, frames=(100, 700))}     # Tarres et al.'s I3D release: a row per video frame
+FRAMES_ALONE = ["--sonar_checkpoint", "none"]
+LONG_CLIPS = {   # --long_clips: name -> (clips, flags); windows overlap by half, as the default's (quality.md)
+    "default": ("default", []),
+    "default_frames_alone": ("default", FRAMES_ALONE),
+    "tarres_stride2": ("tarres", FRAMES_ALONE),
+    "tarres_stride4": ("tarres", FRAMES_ALONE + ["--frame_stride", "4", "--frame_kernel", "8"]),
+    "tarres_stride8": ("tarres", FRAMES_ALONE + ["--frame_stride", "8", "--frame_kernel", "16"]),
+}
 
 
 def one_decoder_mode(args, device, precision):
     """One --decoder_training mode, in a process of its own (its peak memory is its own): the JSON line."""
     shape = dict(SHAPES[args.shapes])
     root = Path(args.root)
-    trainer = build_trainer(root, shape, device, precision, *DECODER_TRAINING[args.one_mode])
+    flags = DECODER_TRAINING[args.one_mode] if args.one_mode in DECODER_TRAINING else LONG_CLIPS[args.one_mode][1]
+    trainer = build_trainer(root, shape, device, precision, *flags)
     setup_rss = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -363,7 +375,10 @@ def one_decoder_mode(args, device, precision):
         checkpoint_bytes = Path(f.name).stat().st_size
     base = {k: v for k, v in trainer.raw_model.decoder_model.named_parameters() if "lora_" not in k}  # tied once
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # KB on Linux -> GB
+    stride = trainer.config.frame_stride
     print(json.dumps({"samples_per_s": rate, "peak_rss_gb": peak_rss, "training_rss_gb": peak_rss - setup_rss,
+                      "frames_mean": float(trainer.train_set.lengths.float().mean()),
+                      "frame_tokens_mean": float((-(-trainer.train_set.lengths // stride)).float().mean()),
                       "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
                       "trainable": tsw.count_trainable(trainer.raw_model), "checkpoint_mb": checkpoint_bytes / 2 ** 20,
                       "decoder_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2 ** 20}))
@@ -374,20 +389,33 @@ def current_rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
-def decoder_training_table(args, machine):
+def in_own_process(args, mode, root, shape_name):
+    """One mode (DECODER_TRAINING or LONG_CLIPS) run by one_decoder_mode in a fresh process: its JSON line."""
+    done = subprocess.run([sys.executable, __file__, "--one_mode", mode, "--root", str(root), "--shapes", shape_name,
+                           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def modes_in_own_processes(args, modes):
+    """{shape: {mode: its JSON line}}: each mode (name -> the CLIPS it trains on) in a fresh process, per shape."""
     results = {}
     for name in args.shapes.split(","):
-        shape = dict(SHAPES[name])
+        shape, results[name] = dict(SHAPES[name]), {}
         with tempfile.TemporaryDirectory() as tmp:
-            make_data(Path(tmp), shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
-            results[name] = {}
-            for mode in DECODER_TRAINING:
-                done = subprocess.run([sys.executable, __file__, "--one_mode", mode, "--root", tmp, "--shapes", name,
-                                       "--threads", str(args.threads), "--device", args.device,
-                                       "--precision", args.precision], capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-                results[name][mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            for clips in dict.fromkeys(modes.values()):
+                make_data(Path(tmp) / clips, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS),
+                          **CLIPS[clips])
+            for mode, clips in modes.items():
+                results[name][mode] = in_own_process(args, mode, Path(tmp) / clips, name)
+                print(f"{name} {mode}: {json.dumps(results[name][mode])}", flush=True)
+    return results
+
+
+def decoder_training_table(args, machine):
+    results = modes_in_own_processes(args, dict.fromkeys(DECODER_TRAINING, "default"))
     print(f"\nmachine: {machine}; training samples/s, memory and checkpoint size by how the decoder trains")
     print("| shape | decoder | samples/s | step cost vs full | peak RSS GB (training part) | peak GPU GB "
           "| trainable parameters | checkpoint MB | decoder weights MB |")
@@ -399,6 +427,23 @@ def decoder_training_table(args, machine):
                   f"| {r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f}) | {gpu} | {r['trainable']:,} "
                   f"| {r['checkpoint_mb']:.1f} | {r['decoder_mb']:.1f} |")
     print(json.dumps({"machine": machine, "decoder_training": results}))
+
+
+def long_clips_table(args, machine):
+    """Training steps on Tarres-shaped clips (frames alone, by frame stride) beside the default on the
+    clips of every other table, each mode in a process of its own (samples/s and peak memory)."""
+    results = modes_in_own_processes(args, {mode: clips for mode, (clips, _) in LONG_CLIPS.items()})
+    print(f"\nmachine: {machine}; training steps by clip shape and frame stride, batch as the shape's")
+    print("| shape | run | flags | frames (mean) | frame tokens (mean) | samples/s | step time vs default "
+          "| peak RSS GB (training part) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, modes in results.items():
+        for mode, r in modes.items():
+            print(f"| {name} | {mode} | `{' '.join(LONG_CLIPS[mode][1]) or '(defaults)'}` | {r['frames_mean']:.0f} "
+                  f"| {r['frame_tokens_mean']:.0f} | {r['samples_per_s']:.2f} "
+                  f"| {modes['default']['samples_per_s'] / r['samples_per_s']:.2f}x "
+                  f"| {r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f}) |")
+    print(json.dumps({"machine": machine, "long_clips": results}))
 
 
 REAL_SHAPES = {   # configs of the hub models (sizes only: weights random), the users' 768-d frames
@@ -449,6 +494,9 @@ def main():
                         help="--frames: also measure reads delayed this much (a network drive)")
     parser.add_argument("--decoder_training", action="store_true",
                         help="instead: full fine-tuning vs frozen decoder (+ gradient checkpointing) vs LoRA")
+    parser.add_argument("--long_clips", action="store_true",
+                        help="instead: Tarres-shaped clips (100-700 frames, 1024-d, frames alone) by frame stride, "
+                             "beside the default step")
     parser.add_argument("--checkpoint_sizes", action="store_true",
                         help="instead: checkpoint size of frozen / LoRA training on the hub models' shapes")
     parser.add_argument("--seed_pipeline", action=argparse.BooleanOptionalAction, default=True,
@@ -471,6 +519,8 @@ def main():
         return checkpoint_sizes_table()
     if args.decoder_training:
         return decoder_training_table(args, machine)
+    if args.long_clips:
+        return long_clips_table(args, machine)
     if args.flops_by_module:
         return flops_by_module(args, device, precision)
     peak = matmul_peak(device)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,15 @@ def project(project_template, tmp_path, monkeypatch):
     shutil.copytree(project_template["root"], root)
     monkeypatch.chdir(root)
     return root
+
+
+def torchrun(flags, processes=2):
+    """train_sonar_with_t5.py under torchrun (gloo on CPU, one thread a process): the finished process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(ROOT / "train_sonar_with_t5.py"), *flags]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def quick_flags(root, out, *extra):

@@ -1,21 +1,16 @@
 """torchrun: two CPU processes (gloo) train, evaluate split across processes, and score once."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from torch.utils.data import DataLoader
 
-from conftest import ROOT, SUBPROCESS_ENV, quick_flags, tsw
+from conftest import quick_flags, torchrun, tsw
 
 
 def test_torchrun_two_processes_matches_single_process_evaluation(project):
     out = project / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train_sonar_with_t5.py"), *quick_flags(project, out, "--epochs", "2")]
-    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = torchrun(quick_flags(project, out, "--epochs", "2"))
     assert "2 process(es), global batch 32" in result.stdout
     assert result.stdout.count("Best epoch") == 1                      # only rank 0 prints
     assert sorted(p.name for p in out.glob("*.pt")) == ["best_model.pt", "last.pt"]
@@ -34,8 +29,6 @@ def test_torchrun_two_processes_matches_single_process_evaluation(project):
     assert [p for _, p in predictions] == [row.split("\t")[2] for row in rows]
 
     # --resume under torchrun continues the same run.
-    more = [arg if arg != "2" or command[i - 1] != "--epochs" else "3" for i, arg in enumerate(command)]
-    result = subprocess.run(more + ["--resume"], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = torchrun(quick_flags(project, out, "--epochs", "3", "--resume"))
     assert "Resumed from" in result.stdout
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

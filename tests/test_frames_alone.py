@@ -4,13 +4,11 @@ frozen and LoRA decoders)."""
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SUBPROCESS_ENV, quick_flags, tsw
+from conftest import quick_flags, torchrun, tsw
 
 
 def frames_alone_flags(project, out, *extra):
@@ -106,13 +104,8 @@ def test_frames_alone_with_a_frozen_or_lora_decoder(project, tmp_path, training)
 
 def test_frames_alone_under_torchrun(project):
     out = project / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train_sonar_with_t5.py"), *frames_alone_flags(project, out, "--epochs", "1")]
-    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = torchrun(frames_alone_flags(project, out, "--epochs", "1"))
     assert "2 process(es)" in result.stdout and result.stdout.count("No sentence encoder") == 1
     assert len(predictions(out / "best_predictions.tsv")) == 12
-    result = subprocess.run([*command[:-1], "2", "--resume"], env=SUBPROCESS_ENV, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun(frames_alone_flags(project, out, "--epochs", "2", "--resume"))
     assert [m["epoch"] for m in tsw.read_jsonl(out / "metrics.jsonl")] == [1, 2]

@@ -59,17 +59,18 @@ def layout_flags(project, out, train_features, train_manifest, val_features, val
     return flags
 
 
-def test_tarres_layout_trains_checks_and_predicts_as_trained(project, tmp_path, capsys):
+def test_tarres_layout_trains_on_frames_alone_checks_and_predicts_as_trained(project, tmp_path, capsys):
     root = tmp_path / "tarres"
     tarres_layout(project, root)
     flags = layout_flags(project, tmp_path / "run", root / "train", root / "cvpr23.fairseq.i3d.train.how2sign.tsv",
-                         root / "val", root / "cvpr23.fairseq.i3d.val.how2sign.tsv")
+                         root / "val", root / "cvpr23.fairseq.i3d.val.how2sign.tsv", "--sonar_checkpoint", "none")
     assert tsw.main(flags + ["--check"]) == 0
     printed = capsys.readouterr().out
     assert "read as Tarrés et al. 2023's fairseq TSV" in printed and "signs_file (the authors' cluster paths) is not read" in printed
     assert "train: 48 manifest rows -> 48 usable clips" in printed and "val: 12 manifest rows -> 12 usable clips" in printed
     assert tsw.main(flags) == 0
-    assert "val: read as Tarrés et al. 2023's fairseq TSV" in (tmp_path / "run" / "train.log").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "val: read as Tarrés et al. 2023's fairseq TSV" in log and "No sentence encoder" in log
     best = read_tsv(tmp_path / "run" / "best_predictions.tsv")
     assert len(best) == 12 and all(r["id"].endswith("-rgb_front") for r in best)
     assert tsw.main(["--predict", "--checkpoint", str(tmp_path / "run" / "best_model.pt"), "--features", str(root / "val"),
