@@ -1,5 +1,6 @@
-"""Translate sign-language video to English: clip features -> a frozen sentence encoder and the frames ->
-a bridge -> any encoder-decoder model (T5 by default), trained from the command line or from Python.
+"""Translate sign-language video to English: clip features -> a frozen sentence encoder and the frames (or
+the frames alone: --sonar_checkpoint none) -> a bridge -> any encoder-decoder model (T5 by default),
+trained from the command line or from Python.
 
     python train_sonar_with_t5.py --demo                        # offline demo, generated data, tiny T5
     python train_sonar_with_t5.py --check  <the training flags>  # every path and clip, before training
@@ -14,7 +15,7 @@ Sections, in order:
   4. Frame store     clip files found (subfolders too, pickles refused), read once into a local memory-mapped store.
   5. Dataset         How2SignDataset (clips, texts, lengths, frame statistics) and its collates.
   6. Encoder         SentenceEncoder: the users' fine-tuned mean-pool MLP (best_encoder.pt).
-  7. Bridge          the sentence embedding and the frames -> the decoder's input tokens and frame memory.
+  7. Bridge          the sentence embedding (frames alone: FrameSummary) and the frames -> the decoder's inputs.
   8. Decoder         DecoderAdapter: any seq2seq model (full, frozen or LoRA) behind one loss and one generate.
   9. Model           SONARwithT5: encoder + bridge + decoder; rebuilt from a state dict's configuration.
  10. Checkpoints     what best_model.pt and last.pt hold, and reading them back.
