@@ -414,18 +414,25 @@ def modes_in_own_processes(args, modes):
     return results
 
 
-def decoder_training_table(args, machine):
-    results = modes_in_own_processes(args, dict.fromkeys(DECODER_TRAINING, "default"))
-    print(f"\nmachine: {machine}; training samples/s, memory and checkpoint size by how the decoder trains")
-    print("| shape | decoder | samples/s | step cost vs full | peak RSS GB (training part) | peak GPU GB "
-          "| trainable parameters | checkpoint MB | decoder weights MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def print_modes(title, results, columns, cells):
+    """The table of modes_in_own_processes' results: a row per shape and mode, `cells(modes, mode, r)` its cells."""
+    print(f"\n{title}")
+    print("| shape | " + " | ".join(columns) + " |")   # columns: the mode's name first
+    print("|---" * (len(columns) + 1) + "|")
     for name, modes in results.items():
         for mode, r in modes.items():
-            gpu = f"{r['peak_gpu_gb']:.2f}" if r["peak_gpu_gb"] is not None else "-"
-            print(f"| {name} | {mode} | {r['samples_per_s']:.2f} | {modes['full']['samples_per_s'] / r['samples_per_s']:.2f}x "
-                  f"| {r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f}) | {gpu} | {r['trainable']:,} "
-                  f"| {r['checkpoint_mb']:.1f} | {r['decoder_mb']:.1f} |")
+            print(f"| {name} | {mode} | " + " | ".join(cells(modes, mode, r)) + " |")
+
+
+def decoder_training_table(args, machine):
+    results = modes_in_own_processes(args, dict.fromkeys(DECODER_TRAINING, "default"))
+    print_modes(f"machine: {machine}; training samples/s, memory and checkpoint size by how the decoder trains", results,
+                ["decoder", "samples/s", "step cost vs full", "peak RSS GB (training part)", "peak GPU GB",
+                 "trainable parameters", "checkpoint MB", "decoder weights MB"],
+                lambda modes, mode, r: [f"{r['samples_per_s']:.2f}", f"{modes['full']['samples_per_s'] / r['samples_per_s']:.2f}x",
+                                  f"{r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f})",
+                                  f"{r['peak_gpu_gb']:.2f}" if r["peak_gpu_gb"] is not None else "-",
+                                  f"{r['trainable']:,}", f"{r['checkpoint_mb']:.1f}", f"{r['decoder_mb']:.1f}"])
     print(json.dumps({"machine": machine, "decoder_training": results}))
 
 
@@ -433,16 +440,13 @@ def long_clips_table(args, machine):
     """Training steps on Tarres-shaped clips (frames alone, by frame stride) beside the default on the
     clips of every other table, each mode in a process of its own (samples/s and peak memory)."""
     results = modes_in_own_processes(args, {mode: clips for mode, (clips, _) in LONG_CLIPS.items()})
-    print(f"\nmachine: {machine}; training steps by clip shape and frame stride, batch as the shape's")
-    print("| shape | run | flags | frames (mean) | frame tokens (mean) | samples/s | step time vs default "
-          "| peak RSS GB (training part) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, modes in results.items():
-        for mode, r in modes.items():
-            print(f"| {name} | {mode} | `{' '.join(LONG_CLIPS[mode][1]) or '(defaults)'}` | {r['frames_mean']:.0f} "
-                  f"| {r['frame_tokens_mean']:.0f} | {r['samples_per_s']:.2f} "
-                  f"| {modes['default']['samples_per_s'] / r['samples_per_s']:.2f}x "
-                  f"| {r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f}) |")
+    flags = {mode: " ".join(options) or "(defaults)" for mode, (_, options) in LONG_CLIPS.items()}
+    print_modes(f"machine: {machine}; training steps by clip shape and frame stride, batch as the shape's", results,
+                ["run", "frames (mean)", "frame tokens (mean)", "samples/s", "step time vs default",
+                 "peak RSS GB (training part)", "flags"],
+                lambda modes, mode, r: [f"{r['frames_mean']:.0f}", f"{r['frame_tokens_mean']:.0f}", f"{r['samples_per_s']:.2f}",
+                                  f"{modes['default']['samples_per_s'] / r['samples_per_s']:.2f}x",
+                                  f"{r['peak_rss_gb']:.2f} ({r['training_rss_gb']:.2f})", f"`{flags[mode]}`"])
     print(json.dumps({"machine": machine, "long_clips": results}))
 
 
