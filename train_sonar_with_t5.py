@@ -2376,8 +2376,9 @@ def collapse_diagnostics(model, dataset, predictions, references, max_clips=256)
     model.eval()
     indices = list(range(min(len(dataset), max_clips)))
     batch = collate_clips([{k: v for k, v in dataset[i].items() if k != "labels"} for i in indices])
-    embeddings = model.sentence_embedding(batch).float()                      # (N, E)
-    across_clips, across_positions = bridge_spreads(model.bridge_tokens(batch))  # from (N, Q, d)
+    frame_tokens, frame_padding = model.frame_tokens(batch)                   # encoded once for both stages
+    embeddings = model.sentence_embedding(batch, frame_tokens, frame_padding).float()       # (N, E)
+    across_clips, across_positions = bridge_spreads(model.bridge_tokens(batch, frame_tokens, frame_padding))
     spread = embeddings.std(dim=0).mean() / embeddings.pow(2).mean().sqrt().clamp(min=1e-12)
     return {
         "encoder_cosine": mean_pairwise_cosine(embeddings),
