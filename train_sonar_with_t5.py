@@ -72,10 +72,9 @@ logger = logging.getLogger("train_sonar_with_t5")
 # 1. Configuration
 
 DEFAULT_T5 = "t5-small"
-BRIDGE_KINDS = ("prefix_memory", "memory", "prefix", "guide")
+BRIDGE_KINDS = ("prefix_memory", "guide")
 FRAME_ROUTES = ("encoder", "cross_attention")
 FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)
-FRAME_SUMMARIES = ("attention", "mean")   # what stands in for the sentence vector without an encoder
 # Decoder families measured to learn better with frames beside the encoder output (bench/quality.py,
 # docs/benchmarks/quality.md); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
@@ -103,9 +102,8 @@ class ModelConfig:
     feature_dim: int | None = None        # the frames' width (None: the encoder's input width)
     freeze_encoder: bool = flag(True, "bridge", "keep the sentence encoder frozen (--no-freeze_encoder trains it at "
                                 "--encoder_lr_scale)")
-    bridge: str = flag("prefix_memory", "bridge", "prefix_memory: per-query content refined by attention; memory: "
-                       "memory tokens + attention; prefix: MLP prefix, no attention; guide: the guide's single-key "
-                       "attention (collapses)", choices=BRIDGE_KINDS)
+    bridge: str = flag("prefix_memory", "bridge", "prefix_memory: per-query content refined by attention; guide: the "
+                       "guide's single-key attention (collapses)", choices=BRIDGE_KINDS)
     num_queries: int = flag(32, "bridge", "learnable query tokens (the guide's `expander` length) fed to the decoder", "at least 1")
     num_heads: int = flag(8, "bridge", "attention heads (bridge and frame layers)", "at least 1")
     bridge_layers: int = flag(1, "bridge", "bridge depth", "at least 1")
@@ -129,9 +127,6 @@ class ModelConfig:
                             "decoders, encoder for the others (BART, M2M100 / NLLB-200), as measured",
                             choices=FRAME_ROUTE_CHOICES)
     frame_memory_layers: int = flag(1, "frames", "route cross_attention: self-attention layers over the frame tokens", "0 or more")
-    frame_summary: str = flag("attention", "frames", "with no sentence encoder (--sonar_checkpoint none): what takes "
-                              "the sentence vector's place, learned from the frame tokens: 'attention' (a learned "
-                              "query reads them) or 'mean' (an MLP on their mean)", choices=FRAME_SUMMARIES)
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
                          "name or local folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
                          "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
@@ -154,8 +149,6 @@ class ModelConfig:
             raise UserError(f"unknown bridge '{self.bridge}' (choose from {BRIDGE_KINDS})")
         if self.frame_route not in FRAME_ROUTE_CHOICES:
             raise UserError(f"unknown frame route '{self.frame_route}' (choose from {FRAME_ROUTE_CHOICES})")
-        if self.frame_summary not in FRAME_SUMMARIES:
-            raise UserError(f"unknown frame summary '{self.frame_summary}' (choose from {FRAME_SUMMARIES})")
         if self.encoder_dims is not None:
             object.__setattr__(self, "encoder_dims", tuple(self.encoder_dims))
 
@@ -221,6 +214,41 @@ class ModelConfig:
 
 
 ModelConfig.FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata)
+# Options retired on 2026-12-07: measurements rejected them and no default used them (their numbers are in
+# docs/benchmarks' archives; CHANGELOG.md lists them). (flag, value; None: any value) -> what replaced it.
+RETIRED = {
+    ("bridge", "memory"): "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)",
+    ("bridge", "prefix"): "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)",
+    ("frame_summary", None): "frames alone always learn the attention summary, which scored higher than the mean",
+    ("frame_store", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
+    ("frame_cache_gb", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
+    ("bridge_lr_scale", None): "set the bridge's rate itself with --bridge_learning_rate LR",
+}
+
+
+def retired_flag(argv):
+    """The one line for a retired flag (or flag value) on a command line, else None."""
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        name, _, value = token[2:].partition("=")
+        name = name.removeprefix("no-")
+        value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+        replacement = RETIRED.get((name, value)) or RETIRED.get((name, None))
+        if replacement:
+            shown = token if (name, None) in RETIRED else f"--{name} {value}"
+            return f"{shown} was retired: {replacement}"
+    return None
+
+
+def retired_option(config_dict):
+    """'--flag value' of a retired option a saved configuration used, else None."""
+    for (name, value), _ in RETIRED.items():
+        if value is not None and config_dict.get(name) == value:
+            return f"--{name} {value}", RETIRED[name, value]
+    if config_dict.get("frame_summary", "attention") != "attention":
+        return f"--frame_summary {config_dict['frame_summary']}", RETIRED["frame_summary", None]
+    return None
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
@@ -607,7 +635,7 @@ def assign_spans(rows, path):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Frame store: every feature file read once; each clip (or each sentence's span of a video) keeps its
-# mean frame, its length and its frames (in the store, or within the frame-cache budget in memory)
+# mean frame and its length in memory, and its frames in the store
 
 
 def feature_files(features_dir):
@@ -667,30 +695,8 @@ class ClipScan:
     length: int = 0                       # valid frames
     dim: int = 0
     square_mean: torch.Tensor | None = None  # (D,) mean of squares, for the frame statistics
-    frames: torch.Tensor | int | None = None  # where its frames are kept: an fp16 (length, D) tensor of
-    error: str | None = None                  # frames minus `mean` (FrameCache), a FrameStore row, or None
-
-
-class FrameCache:
-    """Frames kept in memory (fp16, centred on each clip's mean so fp16 keeps their detail) up to a
-    budget; clips past it are read from disk again whenever their frames are needed."""
-
-    def __init__(self, budget_gb):
-        self.left = int(budget_gb * 2 ** 30)
-        self.clips = self.skipped = 0
-        self.bytes = 0
-        self.lock = threading.Lock()
-
-    def keep(self, frames, mean, first=None, square_mean=None):
-        size = frames.numel() * 2
-        with self.lock:
-            if size > self.left:
-                self.skipped += 1
-                return None
-            self.left -= size
-            self.bytes += size
-            self.clips += 1
-        return (frames - mean).to(torch.float16)
+    frames: int | None = None             # its row in the FrameStore
+    error: str | None = None
 
 
 FRAME_STORE_VERSION = 1
@@ -801,8 +807,7 @@ class FrameStore:
 
 
 class FrameStoreBuilder:
-    """Writes a FrameStore while the clip files are scanned (a FrameCache-like `keep`), then renames it
-    into place. A full disk is a UserError naming the folder and the space needed."""
+    """Writes a FrameStore while the clip files are scanned (its `keep`), then renames it into place. A full disk is a UserError naming the folder and the space needed."""
 
     def __init__(self, folder, needed_bytes):
         self.folder, self.needed = Path(folder), needed_bytes
@@ -862,7 +867,7 @@ class FrameStoreBuilder:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def scan_files(spans_by_file, trim_zero_frames, fps, keep=None, io_threads=8, progress=False, split="data"):
+def scan_files(spans_by_file, trim_zero_frames, fps, keep, io_threads=8, progress=False, split="data"):
     """Read every feature file once, in parallel (Google Drive is latency bound): a list of ClipScans per file."""
     def read(item):
         return scan_file(item[0], item[1], trim_zero_frames, fps, keep)
@@ -909,7 +914,7 @@ def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=
 
 def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):
     """Read a feature file once: one ClipScan per span ((start, end) seconds; None = the whole file).
-    `keep(frames, mean, first, square_mean)` (a FrameCache's or a FrameStoreBuilder's) keeps the frames."""
+    `keep(frames, mean, first, square_mean)` (a FrameStoreBuilder's) stores the frames."""
     def failed(reason):
         return [ClipScan(error=reason) for _ in spans]
 
@@ -948,7 +953,7 @@ def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):
         frames = features[first:stop].double()
         mean, square_mean = frames.mean(dim=0).float(), frames.pow(2).mean(dim=0).float()
         scans.append(ClipScan(mean, first, stop - first, features.shape[1], square_mean,
-                              keep(features[first:stop], mean, first, square_mean) if keep else None))
+                              keep(features[first:stop], mean, first, square_mean)))
     return scans
 
 
@@ -969,15 +974,14 @@ class How2SignDataset(Dataset):
     torchrun process) opens the store instead of any clip file. Each usable clip keeps in memory its
     mean frame (the encoder's first step is a mean over time) and its length; its frames are read from
     the memory-mapped store when an item needs them (`return_frames`, the default: the default model
-    reads the frames). With `frame_store=False` the files are read as before, frames kept in memory
-    as fp16 up to `frame_cache_gb` and read again past it. With `feature_fps`, files hold whole videos and every
+    reads the frames). With `feature_fps`, files hold whole videos and every
     manifest row is its own sample: its span of the video. Problem rows and clips are skipped and
     listed in `self.skipped`. Items are fixed-size, so PyTorch's default collate batches them.
     """
 
     def __init__(self, manifest, features_dir=None, max_samples=None, *, feature_dim=None, split="data",
                  strict=False, return_frames=None, trim_zero_frames=True, require_text=True,
-                 feature_fps=None, frame_store=True, cache_dir=None, frame_cache_gb=4.0, io_threads=8, progress=False):
+                 feature_fps=None, cache_dir=None, io_threads=8, progress=False):
         if manifest is not None and Path(manifest).is_dir() and (features_dir is None or Path(features_dir).is_file()):
             manifest, features_dir = features_dir, manifest   # the original (features_dir, manifest_path)
         if features_dir is not None and Path(features_dir).is_file():
@@ -998,14 +1002,8 @@ class How2SignDataset(Dataset):
         files = clip_files(kept, manifest, features_dir, spans=bool(feature_fps))   # each file read once
         spans_by_file = {path: [(row.start, row.end) if feature_fps else None for row in file_rows]
                          for path, file_rows in files.items()}
-        cache = self.store = None
-        if frame_store:
-            scanned, self.store = scan_into_store(spans_by_file, trim_zero_frames, feature_fps,
-                                                  cache_dir or default_cache_dir(), io_threads, progress, split)
-        else:
-            cache = FrameCache(frame_cache_gb) if self.return_frames else None
-            scanned = scan_files(spans_by_file, trim_zero_frames, feature_fps, cache.keep if cache else None,
-                                 io_threads, progress, split)
+        scanned, self.store = scan_into_store(spans_by_file, trim_zero_frames, feature_fps,
+                                              cache_dir or default_cache_dir(), io_threads, progress, split)
         results = [(row, path, scan) for (path, file_rows), scans in zip(files.items(), scanned)
                    for row, scan in zip(file_rows, scans)]
         results.sort(key=lambda item: item[0].line)           # manifest order
@@ -1049,7 +1047,6 @@ class How2SignDataset(Dataset):
         frames = float(self.lengths.sum())
         self.frame_mean = (frame_sum / frames).float()            # (D,) over every valid frame
         self.frame_std = (frame_square_sum / frames - (frame_sum / frames) ** 2).clamp(min=0).sqrt().float()
-        self.cache = cache
         self.label_ids = None               # filled by tokenize()
         self.sentence_embeddings = None     # filled by the frozen-encoder cache
 
@@ -1101,22 +1098,8 @@ class How2SignDataset(Dataset):
         self.label_ids = padded_labels(rows)
 
     def frames(self, index):
-        """(length, D) float32 frames of one sample: from the cache, else read from its file again."""
-        stored = self.stored[index]
-        if stored is not None:
-            residual = self.store.residual(stored) if isinstance(stored, int) else stored
-            return residual.float() + self.clip_means[index]
-        first, length = self.first_frames[index], int(self.lengths[index])
-        try:
-            frames = load_clip_features(self.paths[index])[first: first + length]
-        except Exception as error:  # noqa: BLE001 - the file was readable at start-up
-            raise UserError(f"{self.paths[index]}: could not read this clip again ({first_line(error)[:120]}); "
-                            "was the file changed or the Drive disconnected? Rerun with --resume, or give "
-                            "--frame_cache_gb enough memory to keep every clip's frames") from None
-        if frames.shape[0] != length:
-            raise UserError(f"{self.paths[index]}: the file changed during training (now {frames.shape[0]} frames "
-                            f"from frame {first}, was {length}); rerun with --resume")
-        return frames
+        """(length, D) float32 frames of one sample, from the frame store."""
+        return self.store.residual(self.stored[index]).float() + self.clip_means[index]
 
     def __getitem__(self, index):
         item = {"index": index, "id": self.ids[index], "text": self.texts[index],
@@ -1337,21 +1320,16 @@ class FrameMemory(nn.Module):
 
 class FrameSummary(nn.Module):
     """Frames alone (--sonar_checkpoint none): one vector per clip, learned from its frame tokens, where the
-    sentence encoder's embedding would go (the bridge's prefix and memory tokens are made from it).
-    `attention`: a learned query reads the frame tokens (one attention layer); `mean`: an MLP on their mean.
-    Trained with the bridge; LayerNorm-scaled, so the bridge's standardisation is left at the identity."""
+    sentence encoder's embedding would go (the bridge's prefix and memory tokens are made from it): a learned
+    query reads the frame tokens through one attention layer (an MLP on their mean scored lower and was
+    retired). Trained with the bridge; LayerNorm-scaled, so the bridge's standardisation stays the identity."""
 
     def __init__(self, config):
         super().__init__()
         d_model = config.d_model
-        self.kind = config.frame_summary
-        if self.kind == "attention":
-            self.query = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
-            self.attention = nn.MultiheadAttention(d_model, config.num_heads, dropout=config.bridge_dropout,
-                                                   batch_first=True)
-        else:
-            self.mlp = nn.Sequential(nn.Linear(d_model, config.ff_width), nn.GELU(), nn.Dropout(config.bridge_dropout),
-                                     nn.Linear(config.ff_width, d_model))
+        self.query = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.attention = nn.MultiheadAttention(d_model, config.num_heads, dropout=config.bridge_dropout,
+                                               batch_first=True)
         self.norm = nn.LayerNorm(d_model)
 
     @property
@@ -1359,19 +1337,13 @@ class FrameSummary(nn.Module):
         return self.norm.normalized_shape[0]
 
     def forward(self, tokens, padding):      # (B, T, d), padding mask (B, T) -> (B, d)
-        if self.kind == "attention":
-            query = self.query.expand(len(tokens), -1, -1).to(tokens.dtype)
-            pooled = self.attention(query, tokens, tokens, key_padding_mask=padding, need_weights=False)[0][:, 0]
-        else:
-            valid = (~padding)[..., None].to(tokens.dtype)
-            pooled = self.mlp((tokens * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1))
+        query = self.query.expand(len(tokens), -1, -1).to(tokens.dtype)
+        pooled = self.attention(query, tokens, tokens, key_padding_mask=padding, need_weights=False)[0][:, 0]
         return self.norm(pooled)
 
 
 class Bridge(nn.Module):
-    """What every bridge shares: input standardisation, the `expander` queries, the output scale."""
-
-    uses_attention = True
+    """What both bridges share: input standardisation, the `expander` queries, the output scale."""
 
     def __init__(self, config, embed_dim, output_scale):
         super().__init__()
@@ -1392,23 +1364,15 @@ class Bridge(nn.Module):
         return nn.ModuleList(BridgeBlock(config.d_model, config.num_heads, config.ff_width, config.bridge_dropout,
                                          guide=guide) for _ in range(config.bridge_layers))
 
-    def make_prefix_mlp(self, config, embed_dim):
-        """embedding (E) -> one token of content per query (Q x d_model)."""
-        return nn.Sequential(nn.Linear(embed_dim, config.prefix_width), nn.GELU(), nn.Dropout(config.bridge_dropout),
-                             nn.Linear(config.prefix_width, self.expander.numel()))
-
-    def prefix_queries(self, embedding):                                           # (B, E) -> (B, Q, d)
-        return self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)
-
     @property
     def attention_bridge(self):
-        return self.blocks[0].attention if self.uses_attention else None
+        return self.blocks[0].attention
 
     @property
     def projection(self):
         """The original module's `projection`: the layer that first maps the sentence embedding towards
-        T5's width (memory tokens, or the prefix MLP's first layer)."""
-        return self.memory_projection if hasattr(self, "memory_projection") else self.prefix_mlp[0]
+        T5's width (to the memory tokens; the guide's: to its one key)."""
+        return self.memory_projection
 
     @torch.no_grad()
     def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
@@ -1443,8 +1407,9 @@ class Bridge(nn.Module):
         return queries
 
 
-class MemoryBridge(Bridge):
-    """`expander` queries attend to `memory_tokens` tokens projected from the embedding."""
+class PrefixMemoryBridge(Bridge):
+    """The default. Each `expander` query gets its own content from the embedding (a prefix MLP), then
+    refines it by attending to `memory_tokens` tokens projected from the embedding (and to the frames)."""
 
     def __init__(self, config, embed_dim, output_scale):
         super().__init__(config, embed_dim, output_scale)
@@ -1452,39 +1417,17 @@ class MemoryBridge(Bridge):
         self.memory_positions = nn.Parameter(torch.randn(config.memory_tokens, config.d_model) * 0.02)
         self.memory_norm = nn.LayerNorm(config.d_model)
         self.blocks = self.make_blocks(config)
+        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, config.prefix_width), nn.GELU(),
+                                        nn.Dropout(config.bridge_dropout),
+                                        nn.Linear(config.prefix_width, self.expander.numel()))
 
     def memory(self, embedding):                                                    # (B, E) -> (B, M, d)
         memory = self.memory_projection(embedding).view(len(embedding), -1, self.expander.shape[1])
         return self.memory_norm(memory + self.memory_positions)
 
     def tokens(self, embedding, frame_tokens, frame_padding):
-        queries = self.expander.expand(len(embedding), -1, -1)                     # (B, Q, d)
+        queries = self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)  # (B, Q, d)
         return self.attend(queries, self.memory(embedding), frame_tokens, frame_padding)
-
-
-class PrefixMemoryBridge(MemoryBridge):
-    """The default. Each query gets its own content from the embedding (a prefix MLP, as --bridge
-    prefix), then refines it by attending to the memory tokens (and frames) through the blocks."""
-
-    def __init__(self, config, embed_dim, output_scale):
-        super().__init__(config, embed_dim, output_scale)
-        self.prefix_mlp = self.make_prefix_mlp(config, embed_dim)
-
-    def tokens(self, embedding, frame_tokens, frame_padding):
-        return self.attend(self.prefix_queries(embedding), self.memory(embedding), frame_tokens, frame_padding)
-
-
-class PrefixBridge(Bridge):
-    """No attention: an MLP maps the embedding to one token per query, added to `expander`."""
-
-    uses_attention = False
-
-    def __init__(self, config, embed_dim, output_scale):
-        super().__init__(config, embed_dim, output_scale)
-        self.prefix_mlp = self.make_prefix_mlp(config, embed_dim)
-
-    def tokens(self, embedding, frame_tokens, frame_padding):
-        return self.prefix_queries(embedding)
 
 
 class GuideBridge(Bridge):
@@ -1502,8 +1445,7 @@ class GuideBridge(Bridge):
         return self.attend(queries, self.memory_projection(embedding).unsqueeze(1), frame_tokens, frame_padding)
 
 
-BRIDGES = {"prefix_memory": PrefixMemoryBridge, "memory": MemoryBridge, "prefix": PrefixBridge,
-           "guide": GuideBridge}
+BRIDGES = {"prefix_memory": PrefixMemoryBridge, "guide": GuideBridge}
 
 
 def make_bridge(config, embed_dim, decoder):
@@ -1882,8 +1824,6 @@ class SONARwithT5(nn.Module):
     the original module; the other options as keywords (ModelConfig's fields). Bridges (--bridge):
       prefix_memory (default) each `expander` query gets per-clip content from the standardised
                     embedding, then reads `memory_tokens` memory tokens through `attention_bridge`
-      memory        `expander` queries read the memory tokens (content from attention only)
-      prefix        an MLP prefix, no attention
       guide         the guide's bridge: attention over ONE key, so every query gets the same vector
     With frames (the default) the bridge also reads the clip's frame tokens, and the decoder reads them
     beside its encoder's output (route cross_attention) or in its encoder after the bridge's tokens.
@@ -2175,6 +2115,10 @@ def saved_config(state_dict, origin="this checkpoint"):
             raise UserError(f"{origin}: saved by a newer version of train_sonar_with_t5.py (checkpoint format "
                             f"{saved}, this one reads {CHECKPOINT_FORMAT}): update the script")
         raise UserError(f"{origin}: saved by an earlier version of this tool; retrain with this one")
+    retired = retired_option(extra["config"])
+    if retired:
+        raise UserError(f"{origin}: trained with {retired[0]}, which this version no longer has: {retired[1]}; "
+                        "retrain with this version")
     return ModelConfig.from_dict(extra["config"])
 
 
@@ -2552,14 +2496,35 @@ def setup_world(device_name):
     return World(rank, size, torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
 
 
+NATIVE_BF16_CAPABILITY = 8    # A100, L4, H100 and later; a T4 (Colab's free GPU, 7.5) only emulates bf16
+
+
 def resolve_precision(precision, device):
+    """(precision, why): --precision auto is bf16 only where the GPU runs it natively (compute capability 8.0
+    or more), else fp32. torch.cuda.is_bf16_supported() says yes on a T4 too, by emulation, slower than fp32."""
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
             logger.warning(f"--precision {precision} needs a GPU: training in fp32 on CPU.")
-        return "fp32"
+        return "fp32", "on CPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    native = major >= NATIVE_BF16_CAPABILITY
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return precision
+        return ("bf16", f"auto: the {gpu} runs bf16 natively") if native else \
+            ("fp32", f"auto: the {gpu} has no native bf16; emulated bf16 runs slower than fp32")
+    if precision == "bf16" and not native:
+        logger.warning(f"--precision bf16 on the {gpu}: bf16 is emulated there and runs slower than fp32; "
+                       "--precision auto (fp32 on this GPU) is faster")
+    return precision, f"--precision {precision} on the {gpu}"
+
+
+def fp16_warning(precision, config):
+    """The warning for fp16 with a T5-family decoder, else None."""
+    if precision == "fp16" and config.family in T5_FAMILY:
+        return ("--precision fp16 with a T5-family decoder: T5's feed-forward outputs pass fp16's range (65,504), so "
+                "steps turn non-finite and training stops (Hugging Face issues #4287, #10830, #14189); use "
+                "--precision bf16 on a GPU of compute capability 8.0 or more, else fp32")
+    return None
 
 
 def autocast_for(device, precision):
@@ -2661,19 +2626,17 @@ OOM_TRAINING_HINT = ("lower --batch_size (and raise --grad_accum_steps to keep t
 
 
 def bridge_learning_rate(args):
-    """The bridge's peak learning rate: --bridge_learning_rate, else --learning_rate x --bridge_lr_scale
-    when that is given, else DEFAULT_BRIDGE_LR (the bridge starts from random weights; T5 need not)."""
-    if args.bridge_learning_rate:
-        return args.bridge_learning_rate
-    return args.learning_rate * args.bridge_lr_scale if args.bridge_lr_scale else DEFAULT_BRIDGE_LR
+    """The bridge's peak learning rate: --bridge_learning_rate, else DEFAULT_BRIDGE_LR (the bridge starts from
+    random weights; T5 need not)."""
+    return args.bridge_learning_rate or DEFAULT_BRIDGE_LR
 
 
 def load_split(args, split, manifest, features, feature_dim, return_frames=True, require_text=True, progress=True):
     """How2SignDataset of one split as the flags ask (the one place training, --check and --predict build one)."""
     return How2SignDataset(manifest, features, feature_dim=feature_dim, split=split, return_frames=return_frames,
                            require_text=require_text, strict=args.strict, trim_zero_frames=args.trim_zero_frames,
-                           feature_fps=args.feature_fps, max_samples=args.max_samples, frame_store=args.frame_store,
-                           cache_dir=args.cache_dir, frame_cache_gb=args.frame_cache_gb, progress=progress)
+                           feature_fps=args.feature_fps, max_samples=args.max_samples, cache_dir=args.cache_dir,
+                           progress=progress)
 
 
 def data_splits(args):
@@ -2701,10 +2664,6 @@ def report_dataset(dataset, manifest):
     summary = skip_summary(dataset)
     if summary:
         logger.warning(summary)
-    if dataset.cache and dataset.cache.skipped:
-        logger.warning(f"{dataset.split}: frames of {dataset.cache.clips} clips kept in memory "
-                       f"({dataset.cache.bytes / 2 ** 30:.2f} GB); {dataset.cache.skipped} more are read from disk "
-                       "at every step (raise --frame_cache_gb if memory allows).")
     logger.info(f"{dataset.split}: {len(dataset)} clips ({dataset.feature_dim}-d features, "
                 f"up to {dataset.max_frames} frames) from {manifest}")
 
@@ -2826,7 +2785,8 @@ class Trainer:
         self.given = given          # flags typed on the command line (--resume: the others follow last.pt's)
         self.device = world.device
         self.out = Path(args.output_dir)
-        self.precision = resolve_precision(args.precision, self.device)
+        self.precision, why = resolve_precision(args.precision, self.device)
+        logger.info(f"Precision: {self.precision} ({why})")
         self.state = TrainState()
         self.metrics = []
         self.reporter = None
@@ -2857,7 +2817,7 @@ class Trainer:
             dataset.tokenize(self.raw_model, args.max_target_length)
         if not self.config.uses_encoder:
             logger.info(f"No sentence encoder (--sonar_checkpoint none): frames alone, {self.config.feature_dim}-d; a "
-                        f"summary learned from the frame tokens ('{self.config.frame_summary}') takes the sentence "
+                        "summary learned from the frame tokens (one attention query) takes the sentence "
                         "embedding's place")
         if resume_from or init_from:   # its weights and input statistics (the encoder's cache below needs them)
             load_model_state(self.raw_model, (resume_from or init_from)["model_state_dict"],
@@ -2865,8 +2825,9 @@ class Trainer:
         if init_from:   # a second stage: a new run on new data
             logger.info(f"--init_from {args.init_from}: starting from its weights (epoch {init_from.get('epoch', '?')} of "
                         "that run); epoch 1 of a new run, with a new optimizer and schedule")
-        if advice := frame_route_advice(self.config):
-            logger.warning(advice)
+        for advice in (frame_route_advice(self.config), fp16_warning(self.precision, self.config)):
+            if advice:
+                logger.warning(advice)
         self.train_set, self.val_set, self.test_set = datasets["train"], datasets["val"], datasets.get("test")
         if self.test_set is not None:
             warn_if_test_is_not_held_out(self.val_set, self.test_set)
@@ -3066,7 +3027,8 @@ class Trainer:
         if bad_in_row == 1 and self.precision != "fp16":
             logger.warning(f"Non-finite loss or gradient at step {self.state.global_step + 1}: step skipped.")
         if bad_in_row >= limit:
-            hint = ("T5 is known to overflow in fp16: use --precision bf16 (recent GPUs) or fp32."
+            hint = ("fp16 overflows easily (T5 is known to): use --precision bf16 on a GPU of compute capability 8.0 "
+                    "or more, else fp32."
                     if self.precision == "fp16" else
                     "lower --learning_rate, check the features for extreme values, or resume from last.pt.")
             raise UserError(f"Training diverged: {bad_in_row} steps in a row had a non-finite loss or "
@@ -3359,7 +3321,7 @@ def run_check(args):
     try:
         if args.sonar_checkpoint is None:
             print("  ok  no sentence encoder (--sonar_checkpoint none): frames alone, the frames' width from the "
-                  f"training clips; a summary learned from them ('{args.frame_summary}') takes the embedding's place")
+                  "training clips; a summary learned from them takes the embedding's place")
         else:
             encoder = load_sonar_encoder(args.sonar_checkpoint)
             encoder_dim = encoder.input_dim
@@ -3413,15 +3375,16 @@ def run_predict(args, given):
     saved = contents.get("args", {})   # decode as in training unless this command says otherwise
     decoding = {name: saved[name] if name not in given and name in saved else getattr(args, name)
                 for name in DECODING_DEFAULTS}
+    precision = resolve_precision(args.precision, device)[0]
     dataset = load_split(args, "predict", args.manifest, args.features, model.config.frame_width,
                          model.config.frame_attention, require_text=args.manifest is not None)
     report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
     if args.sweep:
         return run_sweep(model, clip_batches(dataset, batches, args.num_workers), decoding, parse_sweep(args.sweep),
-                         resolve_precision(args.precision, device), checkpoint.parent / "sweep.json")
+                         precision, checkpoint.parent / "sweep.json")
     predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(decoding),
-                                  resolve_precision(args.precision, device), with_loss=False, progress=True)
+                                  precision, with_loss=False, progress=True)
     predictions.sort(key=lambda p: p.index)
     out = Path(args.predictions_file or checkpoint.parent / "predictions.tsv")
     atomic_write_text(out, "id\tprediction\n" + "".join(f"{clean(p.id)}\t{clean(p.prediction)}\n"
@@ -3735,7 +3698,7 @@ def build_parser():
     g.add_argument("--sonar_checkpoint", default="checkpoints/sonar_encoder_finetuned/best_encoder.pt",
                    type=lambda value: None if value.lower() == "none" else value,
                    help="fine-tuned encoder checkpoint (state dict; encoder_/model_state_dict; 'encoder.' prefix ok), "
-                        "or 'none': frames alone, no sentence encoder (--frame_summary takes its place)")
+                        "or 'none': frames alone, no sentence encoder (a summary learned from the frames takes its place)")
     g.add_argument("--train_features", default="features/train", help="folder of <id>.npy / <id>.pt clips")
     g.add_argument("--train_manifest", default="manifests/train.tsv",
                    help="TSV (id, duration, text), How2Sign CSV, JSON or JSONL")
@@ -3761,15 +3724,10 @@ def build_parser():
     g.add_argument("--max_skip_share", type=float, default=0.5,
                    help="stop before training when a split loses more than this share of its manifest rows "
                         "(1: train on whatever is left)")
-    g.add_argument("--frame_store", action=argparse.BooleanOptionalAction, default=True,
-                   help="read the clip files once into a memory-mapped frame store on local disk, which later "
-                        "runs, --resume, --predict and every torchrun process read instead of the files")
     g.add_argument("--cache_dir", default=None,
                    help=f"where frame stores live (default ${CACHE_ENV}, else ~/.cache/train_sonar_with_t5: on "
-                        "Colab the VM's local disk, not Drive)")
-    g.add_argument("--frame_cache_gb", type=float, default=4.0,
-                   help="--no-frame_store: keep up to this many GB of frames in memory (fp16); the rest "
-                        "are read from disk at every step")
+                        "Colab the VM's local disk, not Drive): the clip files are read once into a memory-mapped "
+                        "store, which later runs, --resume, --predict and every torchrun process read instead")
 
     for group, title in (("bridge", "bridge (the guide's troubleshooting knobs)"), ("frames", "frames"),
                          ("decoder", "decoder (--t5_model)")):
@@ -3782,9 +3740,7 @@ def build_parser():
     g.add_argument("--learning_rate", type=float, default=5e-5, help="peak learning rate of T5")
     g.add_argument("--bridge_learning_rate", type=float, default=None,
                    help=f"peak learning rate of the (randomly initialised) bridge; default {DEFAULT_BRIDGE_LR:g} "
-                        "whatever --learning_rate is, or learning_rate x --bridge_lr_scale when that is given")
-    g.add_argument("--bridge_lr_scale", type=float, default=None,
-                   help="bridge learning rate = learning_rate x this (unless --bridge_learning_rate is given)")
+                        "whatever --learning_rate is")
     g.add_argument("--encoder_lr_scale", type=float, default=0.1,
                    help="encoder learning rate = learning_rate x this (with --no-freeze_encoder)")
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")
@@ -3798,7 +3754,8 @@ def build_parser():
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda, cuda:N or cpu (cuda falls back to CPU with a warning)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on GPUs that support it, else fp32; fp16 uses a GradScaler")
+                   help="auto: bf16 on GPUs that run it natively (compute capability 8.0+: A100, L4, H100), else "
+                        "fp32 (a T4 only emulates bf16, slower than fp32); fp16 uses a GradScaler (T5 overflows in it)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help with --frame_attention)")
     g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
@@ -3895,9 +3852,9 @@ FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
     **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                     "no_repeat_ngram_size", "frame_cache_gb", "early_stopping_threshold"), "0 or more"),
+                     "no_repeat_ngram_size", "early_stopping_threshold"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
-                     "length_penalty", "bridge_learning_rate", "bridge_lr_scale", "feature_fps"), "positive"),
+                     "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),
     "label_smoothing": "in [0, 1)", "top_p": "in (0, 1]", "max_skip_share": "in [0, 1]"}
 
 
@@ -3979,7 +3936,12 @@ def setup_logging(log_file, is_main):
 
 
 def main(argv=None):
-    args, given = parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if retired := retired_flag(argv):
+        setup_logging(None, World.env_rank() == 0)
+        logger.error(f"error: {retired}")
+        return 2
+    args, given = parse_args(argv)
     log_file = None if (args.check or args.predict or args.compare) else (args.log_file or Path(args.output_dir) / "train.log")
     setup_logging(log_file, World.env_rank() == 0)
     try:

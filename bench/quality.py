@@ -2,7 +2,7 @@
 
     python bench/quality.py                                # every row, 2 seeds (about 2 hours on 2 CPU cores)
     python bench/quality.py --rows pretrained_cell6 --seeds 1,2,3
-    python bench/quality.py --rows random_lr1e-3 --extra "--bridge memory"   # a candidate, same data
+    python bench/quality.py --rows random_lr1e-3 --extra "--label_smoothing 0.2"   # a candidate, same data
 
 Data (built once under --out, then reused):
   sentences  the Vim user manual (/usr/share/vim/vim*/doc/usr_*.txt, Debian's vim-runtime): instructional

@@ -247,8 +247,8 @@ class BareT5:
 
 
 def measure_frames(root, shape, device, precision, *flags, read_delay_ms=0):
-    """Samples/s of training with frames (the default) from the frame store, or without it (--no-frame_store)
-    kept in memory or read at every step (optionally each read delayed, as from a network drive)."""
+    """Samples/s of training with frames from the frame store (the clip files' reads optionally delayed, as from a
+    network drive: they are read once, into the store)."""
     trainer = build_trainer(root, shape, device, precision, *flags)
     load = tsw.load_clip_features
 
@@ -594,18 +594,12 @@ def frames_table(args, device, precision, machine):
             make_data(root, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
             results[name] = {
                 "store": measure_frames(root, shape, device, precision),
-                "store_delayed": measure_frames(root, shape, device, precision, read_delay_ms=args.read_delay_ms),
-                "streamed": measure_frames(root, shape, device, precision, "--no-frame_store", "--frame_cache_gb", "0"),
-                "streamed_delayed": measure_frames(root, shape, device, precision, "--no-frame_store",
-                                                   "--frame_cache_gb", "0", read_delay_ms=args.read_delay_ms)}
+                "store_delayed": measure_frames(root, shape, device, precision, read_delay_ms=args.read_delay_ms)}
     print(f"\nmachine: {machine}; precision {precision}; training samples/s with frames")
-    print(f"| shape | frame store | frame store, files +{args.read_delay_ms:g} ms a read | no store, read each step "
-          f"| no store, +{args.read_delay_ms:g} ms a read |")
-    print("|---|---|---|---|---|")
+    print(f"| shape | frame store | frame store, files +{args.read_delay_ms:g} ms a read |")
+    print("|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['store']:.1f} | {r['store_delayed']:.1f} | {r['streamed']:.1f} "
-              f"({r['store'] / r['streamed']:.2f}x slower) | {r['streamed_delayed']:.1f} "
-              f"({r['store'] / r['streamed_delayed']:.2f}x slower) |")
+        print(f"| {name} | {r['store']:.1f} | {r['store_delayed']:.1f} |")
     print(json.dumps({"machine": machine, "read_delay_ms": args.read_delay_ms, "frames": results}))
 
 

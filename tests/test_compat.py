@@ -26,7 +26,7 @@ def test_original_forward_signatures(project_template):
     torch.manual_seed(0)          # an untrained model: whether its sentences are empty depends on its weights
     model = demo_model(project_template)
     dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
-                                  project_template["root"] / "features/val", return_frames=True, frame_store=False, frame_cache_gb=0)
+                                  project_template["root"] / "features/val", return_frames=True)
     frames = [dataset.frames(i) for i in range(4)]
     texts = dataset.texts[:4]
     padded = torch.stack([F.pad(f, (0, 0, 0, 300 - len(f))) for f in frames])     # the original collate
@@ -226,20 +226,36 @@ def test_checkpoints_of_an_earlier_version_are_refused_in_one_line(project, tmp_
         model.load_state_dict(torch.load(out / "best_model.pt")["model_state_dict"])
 
 
-def test_unreadable_clip_during_frame_attention_keeps_last_epoch(project, monkeypatch, capsys):
+@pytest.mark.parametrize("flags, says", [
+    (["--bridge", "memory"], "--bridge memory was retired: the default --bridge prefix_memory replaced it"),
+    (["--bridge=prefix"], "--bridge prefix was retired: the default --bridge prefix_memory replaced it"),
+    (["--frame_summary", "mean"], "--frame_summary was retired: frames alone always learn the attention summary"),
+    (["--no-frame_store"], "--no-frame_store was retired: clips are always read once into the frame store"),
+    (["--frame_cache_gb", "2"], "--frame_cache_gb was retired: clips are always read once into the frame store"),
+    (["--bridge_lr_scale", "10"], "--bridge_lr_scale was retired: set the bridge's rate itself with --bridge_learning_rate"),
+])
+def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, flags, says):
+    assert tsw.main(quick_flags(project, project / "run", "--epochs", "1", *flags)) == 2
+    assert says in one_error_line(capsys)
+    assert not (project / "run" / "train.log").exists()           # refused before anything starts
+
+
+@pytest.mark.parametrize("option, value", [("bridge", "memory"), ("bridge", "prefix"), ("frame_summary", "mean")])
+def test_a_checkpoint_of_a_retired_option_is_refused_in_one_line(project, capsys, option, value):
     out = project / "run"
-    save_last = tsw.Trainer.save_last
-
-    def save_then_lose_a_clip(self):
-        save_last(self)
-        (project / "features/train/demo_train_00007.npy").write_bytes(b"gone")   # Drive hiccup after epoch 1
-
-    monkeypatch.setattr(tsw.Trainer, "save_last", save_then_lose_a_clip)
-    code = tsw.main(quick_flags(project, out, "--epochs", "2", "--no-frame_store", "--frame_cache_gb", "0"))
-    assert code == 2
+    assert tsw.main(quick_flags(project, out, "--epochs", "1")) == 0
+    checkpoint = torch.load(out / "best_model.pt")
+    checkpoint["model_state_dict"]["_extra_state"]["config"][option] = value   # as that version saved it
+    torch.save(checkpoint, out / "best_model.pt")
+    capsys.readouterr()
+    assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features",
+                     str(project / "features/val"), "--device", "cpu"]) == 2
     line = one_error_line(capsys)
-    assert "demo_train_00007.npy: could not read this clip again" in line and "--resume" in line
-    assert torch.load(out / "last.pt")["train_state"]["epoch"] == 1
+    assert f"trained with --{option} {value}, which this version no longer has" in line and "retrain" in line
+    model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
+                            str(project / "t5-small"), device="cpu")
+    with pytest.raises(tsw.UserError, match=f"--{option} {value}, which this version no longer has"):
+        model.load_state_dict(checkpoint["model_state_dict"])        # the guide's Cell 7
 
 
 @pytest.mark.parametrize("where", ["generate", "encoder"])

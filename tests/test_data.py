@@ -56,19 +56,18 @@ def test_unknown_manifest_header_is_one_clear_error(tmp_path, clips):
 def test_items_batch_with_default_collate_and_padding_stays_out_of_the_mean(tmp_path, clips):
     (tmp_path / "m.tsv").write_text("id\tduration\ttext\n" + "".join(
         f"clip{i}\t1.0\t{t}\n" for i, t in enumerate(TEXTS)))
-    # no store, frame_cache_gb=0: frames read from the files, exactly (the fp16 store is tested below)
-    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features", return_frames=True, frame_store=False,
-                                  frame_cache_gb=0)
+    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features", return_frames=True)
     batch = next(iter(DataLoader(dataset, batch_size=3, shuffle=False)))   # no collate_fn: Cell 7
     assert batch["features"].shape == (3, 7, 8)
     assert batch["id"] == ["clip0", "clip1", "clip2"]
-    # The masked mean of the zero-padded batch equals each clip's own mean.
+    # The masked mean of the zero-padded batch equals each clip's own mean (up to the store's fp16 residuals;
+    # counting the padding would be off by ~0.1).
     pooled = tsw.masked_mean(batch["features"], batch["length"])
     for i in range(3):
-        assert torch.allclose(pooled[i], torch.from_numpy(clips[f"clip{i}"].mean(0)), atol=1e-6)
+        assert torch.allclose(pooled[i], torch.from_numpy(clips[f"clip{i}"].mean(0)), atol=2e-3)
     encoder = tsw.SentenceEncoder((8, 16, 16, 32)).eval()
     assert torch.allclose(encoder(pooled[:1]), encoder(torch.from_numpy(clips["clip0"]).mean(0, keepdim=True)),
-                          atol=1e-6)
+                          atol=2e-3)
 
 
 def test_zero_frames_padded_in_the_file_do_not_change_the_embedding(tmp_path, clips):

@@ -145,14 +145,14 @@ def test_a_default_model_rebuilds_the_bridge_its_checkpoint_records(project, tmp
     depth, query count and head count (which no weight's shape tells) and predicts as the trained model;
     --resume refuses, in one line, a last.pt whose bridge is not the one its flags build."""
     out = tmp_path / "bridge"
-    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"), "--bridge", "memory",
+    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"), "--bridge", "guide",
                         "--num_heads", "2", "--num_queries", "12", "--memory_tokens", "3", "--bridge_layers", "2")
     assert tsw.main(flags) == 0
     state = torch.load(out / "best_model.pt")["model_state_dict"]
     model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             str(project / "t5-small"), device="cpu").eval()
     model.load_state_dict(state)
-    assert type(model.bridge).__name__ == "MemoryBridge" and len(model.bridge.blocks) == 2
+    assert type(model.bridge).__name__ == "GuideBridge" and len(model.bridge.blocks) == 2
     assert model.attention_bridge.num_heads == 2 and model.expander.shape[0] == 12
     reference = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").eval()
     assert model.config == reference.config

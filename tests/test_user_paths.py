@@ -122,3 +122,40 @@ def test_training_evaluation_and_predict_under_bf16_autocast(project, monkeypatc
     assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features", str(project / "features/val"),
                      "--device", "cpu"]) == 0
     assert len(read_tsv(out / "predictions.tsv")) == 12
+
+
+@pytest.mark.parametrize("gpu, capability, asked, chosen, warns", [
+    ("Tesla T4", (7, 5), "auto", "fp32", None),                 # Colab's free GPU: bf16 only by emulation
+    ("NVIDIA A100-SXM4-40GB", (8, 0), "auto", "bf16", None),
+    ("NVIDIA H100 80GB HBM3", (9, 0), "auto", "bf16", None),
+    ("Tesla T4", (7, 5), "bf16", "bf16", "bf16 is emulated there and runs slower than fp32"),
+    ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16", "bf16", None),
+    ("Tesla T4", (7, 5), "fp32", "fp32", None),
+])
+def test_precision_follows_what_the_gpu_runs_natively(monkeypatch, caplog, gpu, capability, asked, chosen, warns):
+    """--precision by the device's reported compute capability, not by torch.cuda.is_bf16_supported(), which
+    says yes on a T4 (emulation)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    tsw.logger.propagate = True
+    with caplog.at_level("WARNING", logger=tsw.logger.name):
+        precision, why = tsw.resolve_precision(asked, torch.device("cuda"))
+    assert precision == chosen and gpu in why and f"{capability[0]}.{capability[1]}" in why
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert (warns in warnings[0] and len(warnings) == 1) if warns else not warnings
+
+
+def test_fp16_with_a_t5_decoder_warns_once_before_training_and_the_guard_names_it(project, monkeypatch, capsys):
+    monkeypatch.setattr(tsw, "resolve_precision", lambda precision, device: ("fp16", "--precision fp16 on a GPU"))
+    out = project / "fp16"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--precision", "fp16")) == 0
+    log = (out / "train.log").read_text()
+    assert log.count("--precision fp16 with a T5-family decoder") == 1 and "Precision: fp16" in log
+    assert log.index("T5-family decoder") < log.index("Training 1 epochs")       # before training starts
+    monkeypatch.setattr(tsw.Trainer, "optimizer_step", lambda self: False)    # every step non-finite
+    capsys.readouterr()
+    assert tsw.main(quick_flags(project, project / "diverged", "--epochs", "1", "--precision", "fp16",
+                                "--batch_size", "1", "--max_bad_steps", "1")) == 2      # fp16 allows 10x the bad steps
+    error = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "fp16 overflows easily" in error[0] and "bf16" in error[0]

@@ -65,10 +65,10 @@ def test_users_tsv_spans_end_where_the_next_sentence_starts(layouts):
     try:
         tsw.load_clip_features = lambda path: reads.append(path) or original(path)
         tsw.How2SignDataset(videos_root / "manifests/train.tsv", videos_root / "features/train", feature_fps=FPS,
-                            frame_store=False)
+                            cache_dir=videos_root / "another_store")
         assert len(reads) == len(files) == 5
         again = tsw.How2SignDataset(videos_root / "manifests/train.tsv", videos_root / "features/train",
-                                    feature_fps=FPS)
+                                    feature_fps=FPS, cache_dir=videos_root / "another_store")
         assert len(reads) == 5 and again.ids == dataset.ids
     finally:
         tsw.load_clip_features = original
@@ -104,8 +104,7 @@ def test_training_on_a_video_level_manifest_stops_before_the_first_step(layouts,
 def test_training_predicting_and_frames_on_spans(layouts, tmp_path, capsys):
     _, root = layouts
     out = tmp_path / "spans"
-    flags = quick_flags(root, out, "--epochs", "2", "--feature_fps", str(FPS), "--frame_attention",
-                        "--no-frame_store", "--frame_cache_gb", "0")   # frames streamed: read from each video again
+    flags = quick_flags(root, out, "--epochs", "2", "--feature_fps", str(FPS), "--frame_attention")
     assert tsw.main(flags) == 0
     predictions = (out / "best_predictions.tsv").read_text().splitlines()[1:]
     assert len(predictions) == 15 and all("@" in row.split("\t")[0] for row in predictions)
