@@ -513,7 +513,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    precision = tsw.resolve_precision(args.precision, device)
+    precision = tsw.resolve_precision(args.precision, device)[0]
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()} CPU, {args.threads} threads")
     if args.one_mode:
