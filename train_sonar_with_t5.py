@@ -252,6 +252,8 @@ def retired_option(config_dict):
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
+# After training, the best checkpoint's decoding is chosen on the validation clips from this grid (--decoding_grid)
+DECODING_GRID = "length_penalty=1.0,1.5 no_repeat_ngram_size=0,3"
 FEATURE_SUFFIXES = (".npy", ".pt")
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 ORIGINAL_PAD_FRAMES = 300    # the original collate padded (or cut) every clip to 300 frames
@@ -2275,6 +2277,20 @@ def repeats_a_4gram(sentence):
     return len(grams) != len(set(grams))
 
 
+LOOP_SHARE = 0.1    # more than this share of predictions repeating a 4-gram: the log names the loops
+
+
+def loop_warning(scores, predictions):
+    """One line when more than LOOP_SHARE of the predictions repeat a 4-gram (decoding loops), else None."""
+    if scores["repeat_4gram_share"] <= LOOP_SHARE:
+        return None
+    example = next((p.prediction for p in predictions if repeats_a_4gram(p.prediction)), "")
+    return (f"{scores['repeat_4gram_share']:.0%} of the predictions repeat a 4-gram (decoding loops, e.g. "
+            f"\"{example[:80]}...\"): the decoder has not learned where sentences end. After training the decoding is "
+            "chosen on the validation clips (--decoding_grid tries --no_repeat_ngram_size 3 and --length_penalty 1.0); "
+            "meanwhile more epochs, more data or --no_repeat_ngram_size 3 help")
+
+
 ROUGE_SIGNATURE = "rouge-score rougeL F1 x 100, mean over sentences, no stemming"
 
 
@@ -2791,6 +2807,7 @@ class Trainer:
         self.metrics = []
         self.reporter = None
         self.best_eval = None       # (predictions, loss, scores) of the best epoch, when it covered every clip
+        self.decoding = {name: getattr(args, name) for name in DECODING_DEFAULTS}   # tuned after training
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -3052,7 +3069,7 @@ class Trainer:
         indices = self.eval_indices(full) if dataset is self.val_set else list(range(len(dataset)))
         batches = length_sorted_batches(dataset, indices[self.world.rank:: self.world.size], self.args.eval_batch_size)
         part = translate(self.raw_model, clip_batches(dataset, batches, self.args.num_workers),
-                         generation_kwargs(self.args), self.precision, progress=self.world.is_main)
+                         generation_kwargs(self.decoding), self.precision, progress=self.world.is_main)
         gathered = self.world.gather(part)
         by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
         predictions = [by_index[i] for i in sorted(by_index)]
@@ -3096,6 +3113,8 @@ class Trainer:
         verdict = diagnose_collapse(diagnostics, frames_alone)
         if verdict:
             logger.warning("  " + verdict)
+        if loops := loop_warning(scores, predictions):
+            logger.warning("  " + loops)
         for n, p in enumerate(predictions[:5], start=1):
             logger.info(f"  {n}. [{p.id}] reference:  {p.reference}\n     prediction: {p.prediction}")
 
@@ -3109,6 +3128,12 @@ class Trainer:
         load_model_state(self.raw_model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
         # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
         predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
+        tuning = self.tune_decoding(scores)
+        if tuning:
+            predictions, scores = tuning.pop("predictions"), tuning.pop("scores")
+            if self.world.is_main:   # --predict decodes as chosen here
+                checkpoint = safe_torch_load(best_path, "best model")
+                atomic_torch_save({**checkpoint, "decoding": self.decoding}, best_path)
         sentences = [p.prediction for p in predictions]
         results = {"best_epoch": self.state.best["epoch"], **score_record(scores), "val_loss": loss,
                    "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
@@ -3117,7 +3142,8 @@ class Trainer:
                    "epochs_trained": self.state.epoch, "selection_metric": self.args.early_stopping_metric,
                    "data_fingerprints": {split: self.fingerprints.get(split) for split in ("train", "val", "test")},
                    "sentence_encoder": list(self.config.encoder_dims) if self.config.uses_encoder else None,
-                   "frames_alone": not self.config.uses_encoder, "args": plain_args(self.args)}
+                   "frames_alone": not self.config.uses_encoder, "decoding": self.decoding,
+                   "decoding_tuning": tuning, "args": plain_args(self.args)}
         test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
         if test:
             results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
@@ -3146,6 +3172,36 @@ class Trainer:
                 self.reporter.finish(results, [self.out / name for name in (
                     "results.json", "best_predictions.tsv", "metrics.jsonl", "training_curves.png", "train.log")])
         return results
+
+    def tune_decoding(self, trained_scores):
+        """The best checkpoint's decoding, chosen on every validation clip from --decoding_grid (the settings the
+        command line did not set; each batch encoded once) and kept in self.decoding for the test split, results
+        and --predict. Returns what the log and results.json say of it (None when there is nothing to tune), with
+        the chosen setting's predictions and scores."""
+        grid = {name: values for name, values in parse_sweep(self.args.decoding_grid, "--decoding_grid").items() if name not in self.given}
+        if not grid:
+            return None
+        settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        indices = list(range(len(self.val_set)))[self.world.rank:: self.world.size]
+        batches = clip_batches(self.val_set, length_sorted_batches(self.val_set, indices, self.args.eval_batch_size),
+                               self.args.num_workers)
+        parts = self.world.gather(sweep_translations(self.raw_model, batches, self.decoding, settings, self.precision))
+        outputs = [sorted({p.index: p for part in parts for p in part[k]}.values(), key=lambda p: p.index)
+                   for k in range(len(settings))]
+        rows = [{"settings": setting, "scores": score_predictions(predictions), "predictions": predictions}
+                for setting, predictions in zip(settings, outputs)]
+        best = max(rows, key=lambda row: row["scores"]["bleu"])     # the first of equals: the grid's order
+        self.decoding = {**self.decoding, **best["settings"]}
+        if self.world.is_main:
+            logger.info(f"Decoding chosen on the {len(self.val_set)} validation clips with the best model (--decoding_grid "
+                        f"\"{self.args.decoding_grid}\"; settings typed on the command line are kept):")
+            log_sweep_table(grid, sorted(rows, key=lambda row: -row["scores"]["bleu"]))
+            logger.info(f"  chosen: {', '.join(f'{k} {v:g}' for k, v in best['settings'].items())} (BLEU "
+                        f"{best['scores']['bleu']:.2f}; as trained {trained_scores['bleu']:.2f}): the test split and "
+                        "--predict decode with it")
+        return {"grid": self.args.decoding_grid, "chosen": best["settings"], "val_bleu_as_trained": trained_scores["bleu"],
+                "settings": [{**row["settings"], **score_record(row["scores"], prefix="val")} for row in rows],
+                "predictions": best["predictions"], "scores": best["scores"]}
 
     # -- outputs ---------------------------------------------------------------------------------
 
@@ -3372,7 +3428,8 @@ def run_predict(args, given):
     contents = safe_torch_load(checkpoint, "model checkpoint")
     model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents,
                                         base=args.t5_model if "t5_model" in given else None)
-    saved = contents.get("args", {})   # decode as in training unless this command says otherwise
+    # decode as the run chose after training (else as it trained) unless this command says otherwise
+    saved = {**contents.get("args", {}), **contents.get("decoding", {})}
     decoding = {name: saved[name] if name not in given and name in saved else getattr(args, name)
                 for name in DECODING_DEFAULTS}
     precision = resolve_precision(args.precision, device)[0]
@@ -3399,30 +3456,29 @@ def run_predict(args, given):
 SWEEP_SETTINGS = ("num_beams", "max_new_tokens", "length_penalty", "repetition_penalty", "no_repeat_ngram_size")
 
 
-def parse_sweep(text):
-    """--sweep "num_beams=1,4,5 length_penalty=1.0,1.5": {setting: [values]} (deterministic settings only)."""
+def parse_sweep(text, flag="--sweep"):
+    """--sweep "num_beams=1,4,5 length_penalty=1.0,1.5": {setting: [values]} (deterministic settings only);
+    'none': {}."""
     grid = {}
-    for item in text.split():
+    for item in ([] if text.strip().lower() == "none" else text.split()):
         name, _, values = item.partition("=")
         try:
             if name not in SWEEP_SETTINGS:
                 raise ValueError
             grid[name] = [type(DECODING_DEFAULTS[name])(value) for value in values.split(",")]
         except ValueError:
-            raise UserError(f"--sweep: '{item}' is not SETTING=V1,V2,... with SETTING one of "
+            raise UserError(f"{flag}: '{item}' is not SETTING=V1,V2,... with SETTING one of "
                             f"{', '.join(SWEEP_SETTINGS)}") from None
     return grid
 
 
 @torch.no_grad()
-def run_sweep(model, batches, decoding, grid, precision, path):
-    """--predict --sweep: every combination of the grid's settings on the same clips, each batch's decoder
-    memory (encoder output and frame memory) computed once and reused by every setting; a table of BLEU,
-    chrF, repeated 4-grams and length ratio per setting, the best first, and sweep.json."""
-    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+def sweep_translations(model, batches, decoding, settings, precision):
+    """Predictions of every decoding setting (each over `decoding`) on the same clips, each batch's decoder memory
+    (encoder output and frame memory) computed once and reused by every setting: one list per setting."""
     outputs = [[] for _ in settings]
     model.eval()
-    for batch in tqdm(batches, desc=f"sweeping {len(settings)} settings", leave=False):
+    for batch in tqdm(batches, desc=f"decoding with {len(settings)} settings", leave=False):
         if not all(batch["text"]):
             raise UserError("--sweep scores every setting: give --manifest with the clips' sentences")
         with autocast_for(model.device, precision):
@@ -3430,13 +3486,28 @@ def run_sweep(model, batches, decoding, grid, precision, path):
             for predictions, setting in zip(outputs, settings):
                 sentences = model.decoder.generate(memory, mask, **generation_kwargs({**decoding, **setting}))
                 predictions += map(Prediction._make, zip(batch["index"].tolist(), batch["id"], batch["text"], sentences))
-    rows = sorted(({"settings": setting, **score_record(score_predictions(predictions), prefix="")}
-                   for setting, predictions in zip(settings, outputs)), key=lambda row: -row["bleu"])
+    return outputs
+
+
+def log_sweep_table(grid, rows):
+    """One line per setting ({"settings", "scores"}), in the order given: BLEU, chrF, repeats, length ratio."""
     logger.info("| " + " | ".join(grid) + " | BLEU | chrF | repeat a 4-gram | length ratio |")
     for row in rows:
-        logger.info("| " + " | ".join(f"{row['settings'][name]:g}" for name in grid) + f" | {row['bleu']:.2f} | "
-                    f"{row['chrf']:.2f} | {row['repeat_4gram_share']:.1%} | {row['length_ratio']:.3f} |")
-    atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
+        scores = row["scores"]
+        logger.info("| " + " | ".join(f"{row['settings'][name]:g}" for name in grid) + f" | {scores['bleu']:.2f} | "
+                    f"{scores['chrf']:.2f} | {scores['repeat_4gram_share']:.1%} | {scores['length_ratio']:.3f} |")
+
+
+def run_sweep(model, batches, decoding, grid, precision, path):
+    """--predict --sweep: every combination of the grid's settings on the same clips (sweep_translations); a
+    table of BLEU, chrF, repeated 4-grams and length ratio per setting, the best first, and sweep.json."""
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    outputs = sweep_translations(model, batches, decoding, settings, precision)
+    rows = sorted(({"settings": setting, "scores": score_predictions(predictions)}
+                   for setting, predictions in zip(settings, outputs)), key=lambda row: -row["scores"]["bleu"])
+    log_sweep_table(grid, rows)
+    atomic_write_text(path, json.dumps([{"settings": row["settings"], **score_record(row["scores"], prefix="")}
+                                        for row in rows], indent=2) + "\n")
     logger.info(f"Wrote {path}: {len(rows)} settings on {len(outputs[0])} clips; the best: {rows[0]['settings']}")
     return 0
 
@@ -3775,6 +3846,10 @@ def build_parser():
     g.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"], help="the guide used 1.5")
     g.add_argument("--no_repeat_ngram_size", type=int, default=d["no_repeat_ngram_size"],
                    help="the guide used 2")
+    g.add_argument("--decoding_grid", default=DECODING_GRID, metavar='"SETTING=V1,V2 ..."',
+                   help="after training, the best model's decoding is chosen on the validation clips from every "
+                        "combination of these settings (those typed on the command line kept as typed); the test split "
+                        "and --predict use it. 'none': decode as trained")
     g.add_argument("--do_sample", action="store_true", help="sample instead of beam search (hides collapse)")
     g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature (with --do_sample)")
     g.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling (with --do_sample)")
@@ -3894,6 +3969,11 @@ def validate_args(args):
                         "new one from another model; use one of them")
     if args.sweep and not args.predict:
         problems.append("--sweep goes with --predict (and --manifest): it decodes a trained model's clips")
+    for flag in ("sweep", "decoding_grid"):
+        try:
+            parse_sweep(getattr(args, flag) or "none", f"--{flag}")
+        except UserError as error:
+            problems.append(str(error))
     folders = []
     if args.predict:
         if not args.features and not args.manifest:

@@ -200,3 +200,63 @@ def test_beam_search_warns_of_no_deprecated_keyword(with_test_split):
         warnings.simplefilter("always")
         assert len(model.generate(batch, num_beams=4, max_new_tokens=8)) == 3
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def predict(checkpoint, root, split, *flags):
+    assert tsw.main(["--predict", "--checkpoint", str(checkpoint), "--features", str(root / f"features/{split}"),
+                     "--manifest", str(root / f"manifests/{split}.tsv"), "--device", "cpu", *flags]) == 0
+    return {row["id"]: row["prediction"] for row in read_tsv(checkpoint.parent / "predictions.tsv")}
+
+
+def test_decoding_chosen_on_validation_is_what_the_test_split_and_predict_use(project, tmp_path, capsys):
+    held_out = read_tsv(project / "manifests/train.tsv")[:8]
+    write_manifest(project / "manifests/test.tsv", held_out)
+    out = tmp_path / "run"
+    assert tsw.main(quick_flags(project, out, "--epochs", "2", "--test_manifest", str(project / "manifests/test.tsv"),
+                                "--test_features", str(project / "features/train"),
+                                "--decoding_grid", "no_repeat_ngram_size=0,1 repetition_penalty=1.0,1.3")) == 0
+    results = json.loads((out / "results.json").read_text())
+    tuning = results["decoding_tuning"]
+    best = max(tuning["settings"], key=lambda row: row["val_bleu"])                 # the first of equals
+    assert len(tuning["settings"]) == 4 and tuning["chosen"] == {k: best[k] for k in ("no_repeat_ngram_size", "repetition_penalty")}
+    assert results["val_bleu"] == pytest.approx(best["val_bleu"])
+    assert {k: results["decoding"][k] for k in tuning["chosen"]} == tuning["chosen"]
+    printed = capsys.readouterr().out
+    assert "Decoding chosen on the 12 validation clips" in printed and "the test split and --predict decode with it" in printed
+    # --predict decodes as chosen: it reproduces best_predictions.tsv and test_predictions.tsv exactly
+    (project / "features/test").symlink_to(project / "features/train")
+    best_rows = {row["id"]: row["prediction"] for row in read_tsv(out / "best_predictions.tsv")}
+    test_rows = {row["id"]: row["prediction"] for row in read_tsv(out / "test_predictions.tsv")}
+    assert predict(out / "best_model.pt", project, "val") == best_rows
+    assert predict(out / "best_model.pt", project, "test") == test_rows and len(test_rows) == 8
+    # ... and the other setting of the grid decodes otherwise, so the equalities above could fail
+    other = 1 - tuning["chosen"]["no_repeat_ngram_size"]
+    assert predict(out / "best_model.pt", project, "test", "--no_repeat_ngram_size", str(other),
+                   "--repetition_penalty", str(tuning["chosen"]["repetition_penalty"])) != test_rows
+
+
+def test_a_decoding_setting_typed_on_the_command_line_is_not_tuned(project, tmp_path):
+    out = tmp_path / "run"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--no_repeat_ngram_size", "2",
+                                "--decoding_grid", "no_repeat_ngram_size=0,1")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["decoding_tuning"] is None and results["decoding"]["no_repeat_ngram_size"] == 2
+    assert tsw.main(quick_flags(project, tmp_path / "bad", "--decoding_grid", "beams=1,2")) == 2
+
+
+@pytest.mark.parametrize("loops", [True, False])
+def test_the_log_names_decoding_loops(project, tmp_path, monkeypatch, loops):
+    """Predictions that repeat a 4-gram in more than a tenth of the clips are named at that evaluation; a run whose
+    decoding cannot repeat a 4-gram (--no_repeat_ngram_size 4) is not warned."""
+    if loops:   # a decoder stuck in a loop on every clip, as undertrained ones are
+        generate = tsw.SONARwithT5.generate
+        monkeypatch.setattr(tsw.SONARwithT5, "generate", lambda self, batch, **kwargs: [
+            f"{sentence} want to want to want to" for sentence in generate(self, batch, **kwargs)])
+    out = tmp_path / "run"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--decoding_grid", "none",
+                                *([] if loops else ["--no_repeat_ngram_size", "4"]))) == 0
+    log = (out / "train.log").read_text()
+    share = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_repeat_4gram_share"]
+    assert (share == 1.0) if loops else (share == 0.0)
+    assert ("100% of the predictions repeat a 4-gram (decoding loops, e.g." in log) == loops
+    assert ("repeat a 4-gram (decoding loops" in log) == loops
