@@ -112,10 +112,6 @@ class ModelConfig:
     bridge_dropout: float = flag(0.1, "bridge", "bridge dropout", "in [0, 1)")
     bridge_layernorm: bool = flag(True, "bridge", "LayerNorm on the bridge output, scaled to the decoder's embedding "
                                   "scale (the guide's troubleshooting step 3)")
-    standardize: bool = flag(True, "bridge", "standardise the sentence embedding (and frames) with training-set "
-                             "mean/std: clips' embeddings share most of their direction (cosine ~0.99)")
-    prefix_dim: int | None = flag(None, "bridge", f"hidden width of the prefix MLP (default: the feed-forward width, "
-                                  f"or {ADAPTER_PREFIX_DIM} with --freeze_t5 / --lora_rank: small checkpoints)", "at least 1")
     frame_attention: bool = flag(True, "frames", "the clip's frames (standardised, strided, with positions) go to the "
                                  "decoder beside the bridge's tokens (--frame_route), and the bridge's queries attend "
                                  "to them too (--no-frame_attention: the sentence embedding only)")
@@ -194,8 +190,8 @@ class ModelConfig:
 
     @property
     def prefix_width(self):
-        """--prefix_dim, else ADAPTER_PREFIX_DIM beside a frozen or LoRA decoder, else the feed-forward width."""
-        return self.prefix_dim or (ADAPTER_PREFIX_DIM if self.decoder_training != "full" else self.ff_width)
+        """ADAPTER_PREFIX_DIM beside a frozen or LoRA decoder, else the feed-forward width."""
+        return ADAPTER_PREFIX_DIM if self.decoder_training != "full" else self.ff_width
 
     @property
     def uses_encoder(self):
@@ -223,6 +219,8 @@ RETIRED = {
     ("frame_store", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
     ("frame_cache_gb", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
     ("bridge_lr_scale", None): "set the bridge's rate itself with --bridge_learning_rate LR",
+    ("standardize", None): "the bridge always standardises its input (without it, it collapsed)",
+    ("prefix_dim", None): "the prefix MLP is as wide as the feed-forward (--bridge_ff_dim), 256 beside a frozen or LoRA decoder",
 }
 
 
@@ -246,8 +244,9 @@ def retired_option(config_dict):
     for (name, value), _ in RETIRED.items():
         if value is not None and config_dict.get(name) == value:
             return f"--{name} {value}", RETIRED[name, value]
-    if config_dict.get("frame_summary", "attention") != "attention":
-        return f"--frame_summary {config_dict['frame_summary']}", RETIRED["frame_summary", None]
+    for name, kept in (("frame_summary", "attention"), ("standardize", True), ("prefix_dim", None)):
+        if config_dict.get(name, kept) != kept:
+            return f"--{name} {config_dict[name]}", RETIRED[name, None]
     return None
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
@@ -1141,6 +1140,22 @@ def collate_clips(items):
     return batch
 
 
+def stretch_frames(batch, stretch):
+    """Speed perturbation of a training batch: each clip's frames resampled (linearly) to between 1 / (1 + stretch)
+    and (1 + stretch) times their length, as a signer signs slower or faster; padding stays zero."""
+    if not stretch or "features" not in batch:
+        return batch
+    clips = []
+    for frames, length in zip(batch["features"], batch["length"].tolist()):
+        factor = math.exp(random.uniform(-math.log1p(stretch), math.log1p(stretch)))
+        size = max(1, round(length * factor))
+        clips.append(F.interpolate(frames[:length].T[None], size=size, mode="linear", align_corners=True)[0].T
+                     if length > 1 else frames[:1].expand(size, -1))                       # (size, D)
+    lengths = torch.tensor([len(clip) for clip in clips])
+    padded = torch.stack([F.pad(clip, (0, 0, 0, int(lengths.max()) - len(clip))) for clip in clips])
+    return {**batch, "features": padded, "length": lengths}
+
+
 def skip_summary(dataset):
     """One console line per split: how many rows/clips were skipped, why, and the first ids."""
     if not dataset.skipped:
@@ -1347,10 +1362,11 @@ class FrameSummary(nn.Module):
 class Bridge(nn.Module):
     """What both bridges share: input standardisation, the `expander` queries, the output scale."""
 
+    standardize = True   # without it the default bridge collapsed (docs/benchmarks/collapse.md)
+
     def __init__(self, config, embed_dim, output_scale):
         super().__init__()
         d_model = config.d_model
-        self.standardize = config.standardize
         self.register_buffer("embedding_mean", torch.zeros(embed_dim))
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self.expander = nn.Parameter(torch.randn(config.num_queries, d_model))   # the learnable queries
@@ -1436,9 +1452,10 @@ class GuideBridge(Bridge):
     """The guide's bridge: `expander` queries attend to ONE projected token. With one key, softmax
     gives every query weight 1, so all query positions carry the same vector. Not standardised."""
 
+    standardize = False
+
     def __init__(self, config, embed_dim, output_scale):
         super().__init__(config, embed_dim, output_scale)
-        self.standardize = False
         self.memory_projection = nn.Linear(embed_dim, config.d_model)               # one key/value token
         self.blocks = self.make_blocks(config, guide=True)
 
@@ -2373,7 +2390,7 @@ def diagnose_collapse(diagnostics, frames_alone=False):
                 "vector (attention over one key); use the default --bridge prefix_memory.")
     if d["bridge_spread_clips"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the BRIDGE: its outputs barely differ between clips "
-                f"(spread {d['bridge_spread_clips']:.1e}); keep --standardize on (the default) and train longer.")
+                f"(spread {d['bridge_spread_clips']:.1e}); train longer.")
     return (f"Mode collapse ({share}) is in the DECODER: the bridge passes on per-clip differences "
             f"(spread {d['bridge_spread_clips']:.2f}) but the decoder ignores them; train longer, or raise "
             "--bridge_learning_rate (with --freeze_t5: try --lora_rank), and check that references are correct (--check).")
@@ -2993,7 +3010,7 @@ class Trainer:
             last_micro_batch = (i + 1) % args.grad_accum_steps == 0 or i + 1 == len(batches)
             with self.gradient_sync(last_micro_batch), autocast_for(self.device, self.precision), \
                     out_of_memory_as_user_error(f"at --batch_size {args.batch_size}", OOM_TRAINING_HINT):
-                loss, tokens = self.model(batch, label_smoothing=args.label_smoothing)
+                loss, tokens = self.model(stretch_frames(batch, args.speed_perturbation), label_smoothing=args.label_smoothing)
                 if loss.requires_grad:   # not when a frozen decoder's layerdrop skipped every layer this step
                     self.scaler.scale(loss / args.grad_accum_steps).backward()
             step_loss = step_loss + loss.detach().float() * tokens
@@ -3817,6 +3834,9 @@ def build_parser():
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    g.add_argument("--speed_perturbation", type=float, default=0.0,
+                   help="training clips' frames resampled to between 1/(1+S) and (1+S) times their length (a signer's "
+                        "speed varies); 0: off")
     g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="with frames: training batches of clips of similar length (less padding, faster steps)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
@@ -3927,7 +3947,7 @@ FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
     **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                     "no_repeat_ngram_size", "early_stopping_threshold"), "0 or more"),
+                     "no_repeat_ngram_size", "early_stopping_threshold", "speed_perturbation"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),
     "label_smoothing": "in [0, 1)", "top_p": "in (0, 1]", "max_skip_share": "in [0, 1]"}

@@ -1,7 +1,7 @@
 """Mode-collapse reproduction: the guide's bridge vs ours on the demo data, same step budget.
 
     python bench/collapse.py                      # 30 epochs each, ~10 minutes on 2 CPU cores
-    python bench/collapse.py --epochs 10 --configs guide,default,no_standardize
+    python bench/collapse.py --epochs 10 --configs guide,default,greedy
 
 Data: `--demo`'s generated How2Sign-shaped set (2,200 train / 200 val sentences, features built
 from per-word "signs" on a large shared component, so the frozen encoder's embeddings of different
@@ -25,10 +25,9 @@ import torch  # noqa: E402
 import train_sonar_with_t5 as tsw  # noqa: E402
 
 # The guide's model as written: its bridge over the pooled embedding only (no frames).
-GUIDE = ["--bridge", "guide", "--no-bridge_layernorm", "--no-standardize", "--no-frame_attention"]
+GUIDE = ["--bridge", "guide", "--no-bridge_layernorm", "--no-frame_attention"]
 # The guide's bridge with its troubleshooting steps 1-3 (64 queries, depth 2, LayerNorm).
-GUIDE_TROUBLESHOOTING = ["--bridge", "guide", "--num_queries", "64", "--bridge_layers", "2", "--no-standardize",
-                         "--no-frame_attention"]
+GUIDE_TROUBLESHOOTING = ["--bridge", "guide", "--num_queries", "64", "--bridge_layers", "2", "--no-frame_attention"]
 CONFIGS = {
     "guide": GUIDE,
     "guide_troubleshooting": GUIDE_TROUBLESHOOTING,
@@ -36,7 +35,6 @@ CONFIGS = {
     "embedding_only": ["--no-frame_attention"],     # the default before frames were
     # one change to the default each (the archive in docs/benchmarks/collapse.md measured these on an earlier
     # default, with bridges and flags since retired)
-    "no_standardize": ["--no-standardize"],
     "no_label_smoothing": ["--label_smoothing", "0"],
     "memory_tokens_1": ["--memory_tokens", "1"],
     "memory_tokens_32": ["--memory_tokens", "32"],

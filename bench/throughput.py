@@ -281,7 +281,7 @@ class SeedClips(Dataset):
 
 def measure_seed(root, shape, device, steps, padding):
     model = tsw.SONARwithT5(root / "encoder.pt", str(root / "t5"), device=device, bridge="guide",
-                            bridge_layernorm=False, standardize=False)
+                            bridge_layernorm=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)  # as the original
     loader = DataLoader(SeedClips(root / "train.tsv", root / "features"), batch_size=shape["batch"], shuffle=True,
                         generator=torch.Generator().manual_seed(0))

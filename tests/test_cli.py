@@ -122,11 +122,11 @@ def test_check_reports_each_problem_and_exits(project, capsys):
 
 
 def test_bad_flags_are_reported_together_before_any_work(project, capsys):
-    code = tsw.main(["--batch_size", "0", "--num_queries", "0", "--prefix_dim", "0", "--train_features", "nowhere",
+    code = tsw.main(["--batch_size", "0", "--num_queries", "0", "--num_heads", "0", "--train_features", "nowhere",
                      "--label_smoothing", "1.5", "--output_dir", "out"])
     assert code == 2
     printed = capsys.readouterr().out
-    for text in ("--batch_size must be at least 1", "--num_queries must be at least 1", "--prefix_dim must be at least 1",
+    for text in ("--batch_size must be at least 1", "--num_queries must be at least 1", "--num_heads must be at least 1",
                  "--train_features folder not found: nowhere", "--label_smoothing must be in [0, 1)"):
         assert text in printed
     assert "Traceback" not in printed and not (project / "out" / "best_model.pt").exists()

@@ -127,7 +127,7 @@ def test_a_default_model_loads_a_checkpoint_with_another_stride_and_prefix_width
     the state dict carries."""
     out = tmp_path / "stride2"
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--frame_stride", "3", "--frame_kernel", "5",
-                                "--prefix_dim", "40", "--cache_dir", str(tmp_path / "cache"))) == 0
+                                "--bridge_ff_dim", "40", "--cache_dir", str(tmp_path / "cache"))) == 0
     state = torch.load(out / "best_model.pt")["model_state_dict"]
     model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             str(project / "t5-small"), device="cpu")
@@ -136,7 +136,7 @@ def test_a_default_model_loads_a_checkpoint_with_another_stride_and_prefix_width
     assert model.config.frame_stride == 3 and model.config.frame_kernel == 5
     assert torch.equal(model.bridge.frame_encoder.frame_projection.weight,
                        state["bridge.frame_encoder.frame_projection.weight"])
-    assert model.bridge.prefix_mlp[0].out_features == 40 == model.config.prefix_dim
+    assert model.bridge.prefix_mlp[0].out_features == 40 == model.config.prefix_width
     assert all(torch.equal(v, state[k]) if torch.is_tensor(v) else v == state[k] for k, v in model.state_dict().items())
 
 
