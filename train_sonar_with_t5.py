@@ -22,7 +22,7 @@ Sections, in order:
  11. Decoding        one translation loop, metrics (BLEU-1..4, chrF, ROUGE-L, repeats, length), collapse diagnostics.
  12. Guide's API     evaluate_model, evaluate, train_epoch, collate_fn: the guide's and original module's calls.
  13. Training        processes, precision, batches, Trainer (set-up, epochs, evaluation, the test split, outputs).
- 14. Tracking        --report_to tensorboard / mlflow / wandb.
+ 14. Tracking        --report_to tensorboard / mlflow.
  15. Modes           --check, --predict (and --sweep), --compare, --demo (its generated data).
  16. Command line    the flags, their validation, main().
 """
@@ -220,6 +220,8 @@ RETIRED = {
     ("frame_cache_gb", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
     ("bridge_lr_scale", None): "set the bridge's rate itself with --bridge_learning_rate LR",
     ("standardize", None): "the bridge always standardises its input (without it, it collapsed)",
+    ("report_to", "wandb"): "the trackers are TensorBoard (the default) and MLflow: --report_to mlflow",
+    ("report_to", "all"): "name the trackers: --report_to tensorboard mlflow",
     ("prefix_dim", None): "the prefix MLP is as wide as the feed-forward (--bridge_ff_dim), 256 beside a frozen or LoRA decoder",
 }
 
@@ -1892,6 +1894,7 @@ class SONARwithT5(nn.Module):
                             "--no-frame_attention); a trained best_model.pt loads with SONARwithT5.from_checkpoint(path)")
         self.config = config
         self.decoder = decoder
+        self.decoding = getattr(self, "decoding", {})    # chosen after training; carried by the state dict
         if config.uses_encoder:
             self.sonar_encoder = encoder if encoder is not None else SentenceEncoder(config.encoder_dims)
             self.frame_summary = None
@@ -1910,11 +1913,17 @@ class SONARwithT5(nn.Module):
         self.to(device).train(training)
 
     def get_extra_state(self):
-        """What the state dict carries beside the weights: the configuration (plain values, weights-only loadable)."""
-        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict()}
+        """What the state dict carries beside the weights (plain values, weights-only loadable): the configuration,
+        and the decoding settings chosen on the validation clips after training (Trainer.tune_decoding)."""
+        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "decoding": self.decoding}
 
     def set_extra_state(self, state):
-        """Nothing to do: load_state_dict has rebuilt the model to the state's configuration first."""
+        """The chosen decoding (load_state_dict has rebuilt the model to the state's configuration first)."""
+        self.decoding = dict(state.get("decoding") or {})
+
+    def decoding_settings(self):
+        """DECODING_DEFAULTS with the settings chosen on validation: how the guide's calls decode."""
+        return {**DECODING_DEFAULTS, **self.decoding}
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """nn.Module's, after rebuilding this model as the state dict's configuration describes: the guide's
@@ -2406,7 +2415,7 @@ def original_forward(model, features, target_texts=None, max_length=50, label_sm
     collate_fn padded every clip to 300 frames."""
     batch = model.batch_from_features(features)
     if target_texts is None:
-        return model.generate(batch, **generation_kwargs({**DECODING_DEFAULTS, "max_new_tokens": max_length}))
+        return model.generate(batch, **generation_kwargs({**model.decoding_settings(), "max_new_tokens": max_length}))
     batch["labels"] = model.labels_from_texts(target_texts, max_length=128)
     return model.loss(batch, label_smoothing)[0]
 
@@ -2432,7 +2441,7 @@ def collate_fn(items):
 def evaluate_model(model, loader, device, gen_kwargs=None):
     """The guide's Cell 7 API: (BLEU, loss, [(ground_truth, prediction), ...])."""
     model = getattr(model, "module", model)
-    predictions, loss_sum, tokens = translate(model, loader, gen_kwargs or generation_kwargs(DECODING_DEFAULTS))
+    predictions, loss_sum, tokens = translate(model, loader, gen_kwargs or generation_kwargs(model.decoding_settings()))
     return score_predictions(predictions)["bleu"], loss_sum / max(tokens, 1), \
         [(p.reference, p.prediction) for p in predictions]
 
@@ -2442,7 +2451,7 @@ def evaluate(model, val_loader, device=None):
     collate_fn's batches ({"video_ids", "features", "texts"}) or of this module's."""
     model = getattr(model, "module", model)
     predictions, _, _ = translate(model, (original_batch(model, batch) for batch in val_loader),
-                                  generation_kwargs(DECODING_DEFAULTS), with_loss=False)
+                                  generation_kwargs(model.decoding_settings()), with_loss=False)
     hypotheses, references = [p.prediction for p in predictions], [p.reference for p in predictions]
     return corpus_scores(hypotheses, references)["bleu"], hypotheses, references
 
@@ -3148,9 +3157,10 @@ class Trainer:
         tuning = self.tune_decoding(scores)
         if tuning:
             predictions, scores = tuning.pop("predictions"), tuning.pop("scores")
-            if self.world.is_main:   # --predict decodes as chosen here
+            self.raw_model.decoding = tuning["chosen"]
+            if self.world.is_main:   # its state dict carries the choice: --predict and the guide's Cell 7 decode so
                 checkpoint = safe_torch_load(best_path, "best model")
-                atomic_torch_save({**checkpoint, "decoding": self.decoding}, best_path)
+                atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict()}, best_path)
         sentences = [p.prediction for p in predictions]
         results = {"best_epoch": self.state.best["epoch"], **score_record(scores), "val_loss": loss,
                    "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
@@ -3247,23 +3257,19 @@ class Trainer:
 # 14. Experiment tracking (--report_to, the Hugging Face Trainer's convention): params once, metrics per
 # evaluation, results and predictions as artifacts. Each backend is an optional package.
 
-REPORT_BACKENDS = ("tensorboard", "mlflow", "wandb")
-REPORT_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
-                   "wandb": ("wandb", "wandb")}
+REPORT_BACKENDS = ("tensorboard", "mlflow")
+REPORT_PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
 
 
 def report_backends(report_to):
-    """The installed backends a --report_to value names ('all': every installed one; 'none': none).
-    One the user typed is checked before training (validate_args); the default's is skipped with a note."""
-    names = list(dict.fromkeys(report_to))
-    if "none" in names:
-        return []
+    """The installed backends a --report_to value names ('none': none). One the user typed is checked before
+    training (validate_args); the default's is skipped with a note."""
     available = []
-    for name in REPORT_BACKENDS if "all" in names else names:
+    for name in [] if "none" in report_to else dict.fromkeys(report_to):
         missing = backend_missing(name)
-        if missing and "all" not in names:
+        if missing:
             logger.info(f"{missing}: not reporting to {name}.")
-        elif not missing:
+        else:
             available.append(name)
     return available
 
@@ -3333,13 +3339,6 @@ class RunReporter:
             run = mlflow.start_run(run_id=run_id)
         return mlflow, run.info.run_id
 
-    def start_wandb(self, args, run_id):
-        import wandb
-
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "train_sonar_with_t5"), name=self.out.name,
-                         dir=str(self.out), config=flat_params(args), id=run_id, resume="allow" if run_id else None)
-        return run, run.id
-
     def log(self, record, step):
         """Numeric values of one evaluation's record, at step `step` (the epoch)."""
         metrics = {k: float(v) for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))
@@ -3349,10 +3348,8 @@ class RunReporter:
                 for key, value in metrics.items():
                     client.add_scalar(key, value, step)
                 client.flush()
-            elif name == "mlflow":
-                client.log_metrics(metrics, step=step)
             else:
-                client.log(metrics, step=step)
+                client.log_metrics(metrics, step=step)
 
     def finish(self, results, artifacts):
         """Final scores and the output files (those that exist) as artifacts; closes every run."""
@@ -3362,16 +3359,11 @@ class RunReporter:
             if name == "tensorboard":
                 client.add_text("results", json.dumps(results, indent=2))
                 client.close()
-            elif name == "mlflow":
+            else:
                 client.log_metrics(finals)
                 for path in files:
                     client.log_artifact(path)
                 client.end_run()
-            else:
-                client.summary.update(finals)
-                for path in files:
-                    client.save(path, base_path=str(self.out), policy="now")
-                client.finish()
         self.backends = {}
 
 
@@ -3446,7 +3438,7 @@ def run_predict(args, given):
     model = SONARwithT5.from_checkpoint(checkpoint, device, checkpoint=contents,
                                         base=args.t5_model if "t5_model" in given else None)
     # decode as the run chose after training (else as it trained) unless this command says otherwise
-    saved = {**contents.get("args", {}), **contents.get("decoding", {})}
+    saved = {**contents.get("args", {}), **model.decoding}
     decoding = {name: saved[name] if name not in given and name in saved else getattr(args, name)
                 for name in DECODING_DEFAULTS}
     precision = resolve_precision(args.precision, device)[0]
@@ -3884,11 +3876,11 @@ def build_parser():
     g.add_argument("--bleurt", default=None, metavar="CHECKPOINT",
                    help="also score the best model with BLEURT (needs the bleurt-pytorch package), e.g. "
                         "lucadiliello/BLEURT-20-D12")
-    g.add_argument("--report_to", nargs="+", choices=("tensorboard", "mlflow", "wandb", "all", "none"),
+    g.add_argument("--report_to", nargs="+", choices=("tensorboard", "mlflow", "none"),
                    default=["tensorboard"],
                    help="experiment trackers (Hugging Face Trainer's convention): params once, metrics per "
                         "evaluation, results and predictions as artifacts. mlflow follows MLFLOW_TRACKING_URI "
-                        "and MLFLOW_EXPERIMENT_NAME, wandb WANDB_PROJECT")
+                        "and MLFLOW_EXPERIMENT_NAME")
 
     g = p.add_argument_group("reliability")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")

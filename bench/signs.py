@@ -19,7 +19,8 @@ words off the frames scores 30-40 BLEU there. Here the clips are made from facts
              neighbouring signs blend into each other (co-articulation); clips begin and end at rest; 12 signers,
              each with their own speed, size, style (a linear distortion) and position; then an extractor:
              30 poses/s smoothed over 8 (a 0.27 s window), 15 rows/s kept, a fixed random network to 512-d, plus
-             a smooth nuisance shared by every clip (most of the variance) and a shift per signer.
+             a slow random walk along 4 directions shared by every clip and a shift per signer (together about
+             six times the signs' own variance) and noise.
   decoders   bench/quality.py's tiny T5 (d_model 128, 2+2 layers, its tokenizer), random (`random`) or pretrained
              there on Python's docstrings (`pretrained`): built under its --out when missing.
 
@@ -185,7 +186,7 @@ class Signing:
                         for _ in range(SIGNERS)]
         self.w1 = rng.normal(size=(POSE_DIM, 256)) / np.sqrt(POSE_DIM)
         self.w2 = rng.normal(size=(256, FEATURE_DIM)) / np.sqrt(256)
-        self.nuisance = rng.normal(size=(4, FEATURE_DIM)) * 2.0       # directions every clip moves along
+        self.nuisance = rng.normal(size=(4, FEATURE_DIM))             # directions every clip moves along
         self.constant = rng.normal(size=FEATURE_DIM) * 3.0
 
     def poses(self, signs, signer):
@@ -218,7 +219,7 @@ class Signing:
         smooth = np.stack([np.convolve(np.pad(poses[:, d], (SMOOTH // 2, SMOOTH - 1 - SMOOTH // 2), mode="edge"),
                                        kernel, mode="valid") for d in range(POSE_DIM)], axis=1)[::FEATURE_STEP]
         rows = len(smooth)
-        drift = np.cumsum(rng.normal(size=(rows, 4)) * 0.3, axis=0) + rng.normal(size=4)   # a slow random walk
+        drift = np.cumsum(rng.normal(size=(rows, 4)) * 0.05, axis=0) + 0.5 * rng.normal(size=4)   # a slow random walk
         features = np.tanh(smooth @ self.w1) @ self.w2 + drift @ self.nuisance + self.constant
         features += self.signers[signer]["shift"] + 0.1 * rng.normal(size=features.shape)
         return features.astype(np.float32)

@@ -140,8 +140,8 @@ def test_mlflow_run_has_params_metrics_per_epoch_and_artifacts(project, tmp_path
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(project, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tsw, "REPORT_PACKAGES", {**tsw.REPORT_PACKAGES, "wandb": ("no_such_module_here", "wandb")})
-    code = tsw.main(quick_flags(project, tmp_path / "w", "--epochs", "1", "--report_to", "wandb"))
+    monkeypatch.setattr(tsw, "REPORT_PACKAGES", {**tsw.REPORT_PACKAGES, "mlflow": ("no_such_module_here", "mlflow")})
+    code = tsw.main(quick_flags(project, tmp_path / "w", "--epochs", "1", "--report_to", "mlflow"))
     assert code == 2
-    assert "--report_to wandb needs the wandb package: pip install wandb" in capsys.readouterr().out
+    assert "--report_to mlflow needs the mlflow package: pip install mlflow" in capsys.readouterr().out
     assert not (tmp_path / "w" / "last.pt").exists()
