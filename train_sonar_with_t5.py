@@ -212,47 +212,45 @@ class ModelConfig:
 ModelConfig.FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata)
 # Options retired on 2026-12-07: measurements rejected them and no default used them (their numbers are in
 # docs/benchmarks' archives; CHANGELOG.md lists them). (flag, value; None: any value) -> what replaced it.
-RETIRED = {
-    ("bridge", "memory"): "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)",
-    ("bridge", "prefix"): "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)",
-    ("frame_summary", None): "frames alone always learn the attention summary, which scored higher than the mean",
-    ("frame_store", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
-    ("frame_cache_gb", None): "clips are always read once into the frame store; put it elsewhere with --cache_dir DIR",
-    ("bridge_lr_scale", None): "set the bridge's rate itself with --bridge_learning_rate LR",
-    ("standardize", None): "the bridge always standardises its input (without it, it collapsed)",
-    ("report_to", "wandb"): "the trackers are TensorBoard (the default) and MLflow: --report_to mlflow",
-    ("report_to", "all"): "name the trackers: --report_to tensorboard mlflow",
-    ("prefix_dim", None): "the prefix MLP is as wide as the feed-forward (--bridge_ff_dim), 256 beside a frozen or LoRA decoder",
+RETIRED = {   # flag: (its retired values, None: the flag itself; what replaced it)
+    "bridge": (("memory", "prefix"), "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)"),
+    "frame_summary": (None, "frames alone always learn the attention summary, which scored higher than the mean"),
+    **dict.fromkeys(("frame_store", "frame_cache_gb"), (None, "clips are always read once into the frame store; put it "
+                                                              "elsewhere with --cache_dir DIR")),
+    "bridge_lr_scale": (None, "set the bridge's rate itself with --bridge_learning_rate LR"),
+    "standardize": (None, "the bridge always standardises its input (without it, it collapsed)"),
+    "prefix_dim": (None, "the prefix MLP is as wide as the feed-forward (--bridge_ff_dim), 256 beside a frozen or LoRA decoder"),
+    "report_to": (("wandb", "all"), "the trackers are TensorBoard (the default) and MLflow: name them, e.g. --report_to mlflow"),
+    **dict.fromkeys(("do_sample", "temperature", "top_p"), (None, "decoding is deterministic beam search (sampling hid "
+                                                                  "collapse and made --predict irreproducible)")),
+    "compile": (None, "it was never measured faster: shapes change every batch (dynamic padding)"),
 }
+KEPT_VALUES = {"frame_summary": "attention", "standardize": True, "prefix_dim": None}   # what checkpoints may still hold
 
 
 def retired_flag(argv):
     """The one line for a retired flag (or flag value) on a command line, else None."""
     for i, token in enumerate(argv):
-        if not token.startswith("--"):
-            continue
-        name, _, value = token[2:].partition("=")
-        name = name.removeprefix("no-")
+        name, _, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        values, replacement = RETIRED.get(name.removeprefix("no-"), ((), None))
         value = value or (argv[i + 1] if i + 1 < len(argv) else "")
-        replacement = RETIRED.get((name, value)) or RETIRED.get((name, None))
-        if replacement:
-            shown = token if (name, None) in RETIRED else f"--{name} {value}"
-            return f"{shown} was retired: {replacement}"
+        if replacement and (values is None or value in values):
+            return f"{token if values is None else f'--{name} {value}'} was retired: {replacement}"
     return None
 
 
 def retired_option(config_dict):
-    """'--flag value' of a retired option a saved configuration used, else None."""
-    for (name, value), _ in RETIRED.items():
-        if value is not None and config_dict.get(name) == value:
-            return f"--{name} {value}", RETIRED[name, value]
-    for name, kept in (("frame_summary", "attention"), ("standardize", True), ("prefix_dim", None)):
-        if config_dict.get(name, kept) != kept:
-            return f"--{name} {config_dict[name]}", RETIRED[name, None]
+    """('--flag value', what replaced it) of a retired option a saved configuration used, else None."""
+    for name, (values, replacement) in RETIRED.items():
+        saved = config_dict.get(name, KEPT_VALUES.get(name))
+        if saved in (values or ()) or (name in KEPT_VALUES and saved != KEPT_VALUES[name]):
+            return f"--{name} {saved}", replacement
     return None
+
+
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
-                         no_repeat_ngram_size=0, do_sample=False, temperature=0.8, top_p=0.9)
+                         no_repeat_ngram_size=0)
 # After training, the best checkpoint's decoding is chosen on the validation clips from this grid (--decoding_grid)
 DECODING_GRID = "length_penalty=1.0,1.5 no_repeat_ngram_size=0,3"
 FEATURE_SUFFIXES = (".npy", ".pt")
@@ -2226,8 +2224,7 @@ def set_rng_state(state):
 
 
 def generation_kwargs(settings):
-    """One dict for generate from decoding settings (a dict or the parsed flags). Deterministic beam
-    search unless sampling is asked for."""
+    """One dict for generate from decoding settings (a dict or the parsed flags): deterministic beam search."""
     s = settings if isinstance(settings, dict) else vars(settings)
     kwargs = {"max_new_tokens": s["max_new_tokens"], "num_beams": s["num_beams"]}
     if s["num_beams"] > 1:
@@ -2238,8 +2235,6 @@ def generation_kwargs(settings):
         kwargs["repetition_penalty"] = s["repetition_penalty"]
     if s["no_repeat_ngram_size"]:
         kwargs["no_repeat_ngram_size"] = s["no_repeat_ngram_size"]
-    if s["do_sample"]:  # passed only when sampling: set otherwise they only raise warnings
-        kwargs.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
     return kwargs
 
 
@@ -2818,7 +2813,7 @@ class TrainState:
 class Trainer:
     """One run: `setup` builds the model, data and optimizer; `fit` trains, evaluates and saves.
 
-    `model` is what training calls (DDP- and/or torch.compile-wrapped); `raw_model` is the
+    `model` is what training calls (DDP-wrapped with torchrun); `raw_model` is the
     SONARwithT5 inside it, used for evaluation and saved without any wrapper prefix.
     """
 
@@ -2891,8 +2886,6 @@ class Trainer:
         if self.world.size > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if args.compile:
-            self.model = torch.compile(self.model)
         if self.world.is_main:
             self.raw_model.decoder.export(self.out / "t5_export", weights=False)
             self.reporter = RunReporter(report_backends(args.report_to), self.out, args, resume=args.resume)
@@ -3839,7 +3832,6 @@ def build_parser():
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on GPUs that run it natively (compute capability 8.0+: A100, L4, H100), else "
                         "fp32 (a T4 only emulates bf16, slower than fp32); fp16 uses a GradScaler (T5 overflows in it)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help with --frame_attention)")
     g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
                    help="drop all-zero frames padded at the end of clip files before the mean")
@@ -3862,9 +3854,6 @@ def build_parser():
                    help="after training, the best model's decoding is chosen on the validation clips from every "
                         "combination of these settings (those typed on the command line kept as typed); the test split "
                         "and --predict use it. 'none': decode as trained")
-    g.add_argument("--do_sample", action="store_true", help="sample instead of beam search (hides collapse)")
-    g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling temperature (with --do_sample)")
-    g.add_argument("--top_p", type=float, default=d["top_p"], help="nucleus sampling (with --do_sample)")
 
     g.add_argument("--patience", type=int, default=0,
                    help="early stopping: stop after this many evaluations without improvement of "
@@ -3940,9 +3929,9 @@ FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
     **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
                      "no_repeat_ngram_size", "early_stopping_threshold", "speed_perturbation"), "0 or more"),
-    **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "temperature", "repetition_penalty",
+    **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),
-    "label_smoothing": "in [0, 1)", "top_p": "in (0, 1]", "max_skip_share": "in [0, 1]"}
+    "label_smoothing": "in [0, 1)", "max_skip_share": "in [0, 1]"}
 
 
 def validate_args(args):
