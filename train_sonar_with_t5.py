@@ -2829,6 +2829,7 @@ class Trainer:
         self.reporter = None
         self.best_eval = None       # (predictions, loss, scores) of the best epoch, when it covered every clip
         self.decoding = {name: getattr(args, name) for name in DECODING_DEFAULTS}   # tuned after training
+        self.top_states = []        # (selection metric, epoch, weights) of the best evaluations, to average
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -3102,6 +3103,10 @@ class Trainer:
         record = {"val_loss": loss, **score_record(scores), "eval_clips": len(predictions), **diagnostics}
         best = self.state.best
         metric = self.args.early_stopping_metric
+        if self.args.average_checkpoints > 1:    # weights of the best evaluations so far, in memory
+            value = -loss if metric == "loss" else record[f"val_{metric}"]
+            self.top_states = sorted(self.top_states + [(value, epoch + 1, self.raw_model.trained_state_dict())],
+                                     key=lambda item: -item[0])[: self.args.average_checkpoints]
         improved = improves(record, best, metric, self.args.early_stopping_threshold)
         self.state.stale_evals = 0 if improved else self.state.stale_evals + 1
         if improved:  # every process tracks the best; only the main one writes it
@@ -3147,6 +3152,9 @@ class Trainer:
         load_model_state(self.raw_model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
         # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
         predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
+        averaging = self.average_checkpoints(best_path, loss, scores)
+        if averaging and averaging["kept"]:
+            predictions, loss, scores = averaging.pop("evaluation")
         tuning = self.tune_decoding(scores)
         if tuning:
             predictions, scores = tuning.pop("predictions"), tuning.pop("scores")
@@ -3163,7 +3171,7 @@ class Trainer:
                    "data_fingerprints": {split: self.fingerprints.get(split) for split in ("train", "val", "test")},
                    "sentence_encoder": list(self.config.encoder_dims) if self.config.uses_encoder else None,
                    "frames_alone": not self.config.uses_encoder, "decoding": self.decoding,
-                   "decoding_tuning": tuning, "args": plain_args(self.args)}
+                   "decoding_tuning": tuning, "checkpoint_averaging": averaging, "args": plain_args(self.args)}
         test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
         if test:
             results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
@@ -3192,6 +3200,34 @@ class Trainer:
                 self.reporter.finish(results, [self.out / name for name in (
                     "results.json", "best_predictions.tsv", "metrics.jsonl", "training_curves.png", "train.log")])
         return results
+
+    def average_checkpoints(self, best_path, best_loss, best_scores):
+        """The mean of the weights of the --average_checkpoints best evaluations, kept (and saved as best_model.pt)
+        when it beats the best one alone on every validation clip by the selection metric. What the log and
+        results.json say of it, with its evaluation when kept; None with fewer than two kept."""
+        if len(self.top_states) < 2:
+            return None
+        best_state = self.raw_model.trained_state_dict()
+        states = [state for _, _, state in self.top_states]
+        self.raw_model.load_state_dict({**best_state, **{key: torch.stack([state[key] for state in states]).mean(dim=0)
+                                        for key, value in best_state.items() if torch.is_tensor(value)
+                                        and value.is_floating_point()}}, strict=False)
+        predictions, loss, scores = self.evaluate(full=True)[:3]
+        metric = self.args.early_stopping_metric
+        kept = improves({"val_loss": loss, **score_record(scores)}, {"val_loss": best_loss, **score_record(best_scores)},
+                        metric)
+        epochs = sorted(epoch for _, epoch, _ in self.top_states)
+        logger.info(f"Checkpoint averaging: the weights of epochs {', '.join(map(str, epochs))} averaged score BLEU "
+                    f"{scores['bleu']:.2f} on the validation clips (the best epoch alone {best_scores['bleu']:.2f}): "
+                    + ("kept, saved as best_model.pt" if kept else f"not kept (no better {metric})"))
+        if not kept:
+            self.raw_model.load_state_dict(best_state, strict=False)
+        elif self.world.is_main:
+            checkpoint = safe_torch_load(best_path, "best model")
+            atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict(),
+                               "averaged_epochs": epochs}, best_path)
+        return {"epochs": epochs, "val_bleu_best_epoch": best_scores["bleu"], "val_bleu_averaged": scores["bleu"],
+                "kept": kept, **({"evaluation": (predictions, loss, scores)} if kept else {})}
 
     def tune_decoding(self, trained_scores):
         """The best checkpoint's decoding, chosen on every validation clip from --decoding_grid (the settings the
@@ -3838,6 +3874,9 @@ def build_parser():
 
     g = p.add_argument_group("evaluation and decoding")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--average_checkpoints", type=int, default=0, metavar="K",
+                   help="after training, average the weights of the K best evaluations (kept in memory since the run "
+                        "or its last --resume started) and keep the mean when it scores higher on validation")
     g.add_argument("--max_eval_clips", type=int, default=0,
                    help="per-epoch evaluation on a fixed subset of N clips (0: all); final scores use all")
     g.add_argument("--eval_batch_size", type=int, default=64, help="clips per generation batch")
@@ -3928,7 +3967,8 @@ FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
     **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                     "no_repeat_ngram_size", "early_stopping_threshold", "speed_perturbation"), "0 or more"),
+                     "no_repeat_ngram_size", "early_stopping_threshold", "speed_perturbation",
+                     "average_checkpoints"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),
     "label_smoothing": "in [0, 1)", "max_skip_share": "in [0, 1]"}
