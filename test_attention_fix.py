@@ -100,7 +100,7 @@ def run_checks(args):
     if model.bridge.frame_encoder is not None:
         projection = model.bridge.frame_encoder.frame_projection.weight.grad
         check("gradients reach the frame path", projection is not None and projection.abs().sum() > 0)
-    if model.bridge.frame_memory is not None:      # frames beside T5's encoder output (--frame_route cross_attention)
+    if model.bridge.frame_memory is not None:      # frames beside T5's encoder output (T5-family decoders)
         scale = model.bridge.frame_memory.scale.grad
         check("gradients reach the frames' cross-attention memory", scale is not None and scale.abs() > 0)
     check("frozen encoder gets no gradient",

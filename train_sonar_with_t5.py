@@ -73,10 +73,9 @@ logger = logging.getLogger("train_sonar_with_t5")
 
 DEFAULT_T5 = "t5-small"
 BRIDGE_KINDS = ("prefix_memory", "guide")
-FRAME_ROUTES = ("encoder", "cross_attention")
-FRAME_ROUTE_CHOICES = ("auto", *FRAME_ROUTES)
-# Decoder families measured to learn better with frames beside the encoder output (bench/quality.py,
-# docs/benchmarks/quality.md); BART and M2M100 / NLLB-200 learned far worse that way and keep them in the encoder.
+# Where the frame tokens go is the decoder family's: beside the encoder's output for these (measured better for
+# T5 and mT5 in bench/quality.py, docs/benchmarks/quality.md), in the encoder for the others (BART and M2M100 /
+# NLLB-200 learned far worse beside it).
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
 ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a frozen or LoRA decoder: small checkpoints
 CHECKPOINT_FORMAT = 3        # state dicts carry their ModelConfig; earlier formats are refused
@@ -113,16 +112,12 @@ class ModelConfig:
     bridge_layernorm: bool = flag(True, "bridge", "LayerNorm on the bridge output, scaled to the decoder's embedding "
                                   "scale (the guide's troubleshooting step 3)")
     frame_attention: bool = flag(True, "frames", "the clip's frames (standardised, strided, with positions) go to the "
-                                 "decoder beside the bridge's tokens (--frame_route), and the bridge's queries attend "
+                                 "decoder beside the bridge's tokens, and the bridge's queries attend "
                                  "to them too (--no-frame_attention: the sentence embedding only)")
     frame_stride: int = flag(2, "frames", "temporal striding: one frame token every this many frames", "at least 1")
     frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
-    frame_route: str = flag("auto", "frames", "where the frame tokens go: 'cross_attention' (beside the encoder's "
-                            "output, straight into the decoder's cross-attention), 'encoder' (the decoder's encoder "
-                            "reads them after the bridge's tokens; slower), or 'auto': cross_attention for T5 and mT5 "
-                            "decoders, encoder for the others (BART, M2M100 / NLLB-200), as measured",
-                            choices=FRAME_ROUTE_CHOICES)
-    frame_memory_layers: int = flag(1, "frames", "route cross_attention: self-attention layers over the frame tokens", "0 or more")
+    frame_memory_layers: int = flag(1, "frames", "T5 and mT5 decoders: self-attention layers over the frame tokens, which "
+                                    "go beside the encoder's output", "0 or more")
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
                          "name or local folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
                          "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
@@ -143,8 +138,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.bridge not in BRIDGE_KINDS:
             raise UserError(f"unknown bridge '{self.bridge}' (choose from {BRIDGE_KINDS})")
-        if self.frame_route not in FRAME_ROUTE_CHOICES:
-            raise UserError(f"unknown frame route '{self.frame_route}' (choose from {FRAME_ROUTE_CHOICES})")
         if self.encoder_dims is not None:
             object.__setattr__(self, "encoder_dims", tuple(self.encoder_dims))
 
@@ -177,12 +170,11 @@ class ModelConfig:
 
     @property
     def route(self):
-        """Where the frame tokens go (None without frames): `auto` is cross_attention for CROSS_ROUTE_FAMILIES."""
+        """Where the frame tokens go (None without frames): beside the encoder's output ('cross_attention') for
+        CROSS_ROUTE_FAMILIES, else read by the decoder's encoder after the bridge's tokens ('encoder')."""
         if not self.frame_attention:
             return None
-        if self.frame_route == "auto":
-            return "cross_attention" if self.family in CROSS_ROUTE_FAMILIES else "encoder"
-        return self.frame_route
+        return family_route(self.family)
 
     @property
     def ff_width(self):
@@ -224,8 +216,14 @@ RETIRED = {   # flag: (its retired values, None: the flag itself; what replaced 
     **dict.fromkeys(("do_sample", "temperature", "top_p"), (None, "decoding is deterministic beam search (sampling hid "
                                                                   "collapse and made --predict irreproducible)")),
     "compile": (None, "it was never measured faster: shapes change every batch (dynamic padding)"),
+    "frame_route": (None, "frames go where they scored higher for the decoder's family (the former auto): beside the "
+                          "encoder's output for T5 and mT5, into the encoder for BART and M2M100 / NLLB-200"),
 }
-KEPT_VALUES = {"frame_summary": "attention", "standardize": True, "prefix_dim": None}   # what checkpoints may still hold
+KEPT_VALUES = {"frame_summary": ("attention",), "standardize": (True,), "prefix_dim": (None,)}   # what checkpoints may hold
+
+
+def family_route(family):
+    return "cross_attention" if family in CROSS_ROUTE_FAMILIES else "encoder"
 
 
 def retired_flag(argv):
@@ -241,9 +239,11 @@ def retired_flag(argv):
 
 def retired_option(config_dict):
     """('--flag value', what replaced it) of a retired option a saved configuration used, else None."""
+    route = family_route((config_dict.get("decoder_config") or {}).get("model_type", "t5"))
+    kept = {**KEPT_VALUES, "frame_route": ("auto", route)}
     for name, (values, replacement) in RETIRED.items():
-        saved = config_dict.get(name, KEPT_VALUES.get(name))
-        if saved in (values or ()) or (name in KEPT_VALUES and saved != KEPT_VALUES[name]):
+        saved = config_dict.get(name, kept.get(name, (None,))[0])
+        if saved in (values or ()) or (name in kept and saved not in kept[name]):
             return f"--{name} {saved}", replacement
     return None
 
@@ -2089,16 +2089,6 @@ class SONARwithT5(nn.Module):
         return {"features": features, "length": lengths, "clip_mean": masked_mean(features, lengths)}
 
 
-def frame_route_advice(config):
-    """One line of advice when the decoder is of a family that learned far worse with the frame route
-    cross_attention on bench/quality.py (docs/benchmarks/quality.md); else None."""
-    if config.route == "cross_attention" and config.family not in CROSS_ROUTE_FAMILIES:
-        return (f"frames beside a '{config.family}' decoder's encoder output (--frame_route cross_attention) learned "
-                "far worse than --frame_route encoder with BART and M2M100 / NLLB-200 decoders on bench/quality.py "
-                "(docs/benchmarks/quality.md); the default (auto) uses encoder for them")
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # 10. Checkpoints: plain dicts of tensors and primitives (weights-only loadable). The model's state dict
 # carries its ModelConfig (`_extra_state`, with the format number); best_model.pt adds the epoch and
@@ -2864,9 +2854,8 @@ class Trainer:
         if init_from:   # a second stage: a new run on new data
             logger.info(f"--init_from {args.init_from}: starting from its weights (epoch {init_from.get('epoch', '?')} of "
                         "that run); epoch 1 of a new run, with a new optimizer and schedule")
-        for advice in (frame_route_advice(self.config), fp16_warning(self.precision, self.config)):
-            if advice:
-                logger.warning(advice)
+        if advice := fp16_warning(self.precision, self.config):
+            logger.warning(advice)
         self.train_set, self.val_set, self.test_set = datasets["train"], datasets["val"], datasets.get("test")
         if self.test_set is not None:
             warn_if_test_is_not_held_out(self.val_set, self.test_set)

@@ -5,7 +5,7 @@
     python bench/throughput.py --frames --shapes tiny            # frames: from the frame store vs read each step
     python bench/throughput.py --decoder_training --shapes t5-small   # full vs frozen vs LoRA: speed, memory, checkpoint
     python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
-    python bench/throughput.py --shapes t5-small --extra "--frame_route encoder"   # a candidate's flags for ours
+    python bench/throughput.py --shapes t5-small --extra "--frame_memory_layers 2"   # a candidate's flags for ours
     python bench/throughput.py --flops_by_module --shapes t5-small   # where our forward pass's FLOPs go
     python bench/throughput.py --long_clips --shapes t5-small    # Tarres-shaped clips (100-700, 1024) by stride
 
@@ -24,7 +24,7 @@ with the machine.
             clipping, scheduler). Timed by its optimizer steps.
   bare      T5 forward + backward + AdamW alone, on the same label batches, inputs_embeds as long as
             what ours gives T5's encoder (B, 32 queries [+ frame tokens], d_model) and as many extra
-            cross-attention memory tokens as ours (the frame tokens, with --frame_route cross_attention):
+            cross-attention memory tokens as ours (the frame tokens, beside T5's encoder output):
             the floor for any bridge-to-T5 model.
   seed      our re-implementation of the original script's per-step work, from its description:
             each clip file read every step, padded to 300 frames, the frozen encoder run on the

@@ -97,7 +97,7 @@ def test_loss_equals_t5s_own_loss(project_template, untied_project, untied):
     folder = untied_project / "t5-small" if untied else project_template["t5"]
     model = tsw.SONARwithT5(project_template["encoder"], device="cpu",
                             decoder=T5ForConditionalGeneration.from_pretrained(folder),
-                            tokenizer=AutoTokenizer.from_pretrained(folder), frame_route="encoder").eval()
+                            tokenizer=AutoTokenizer.from_pretrained(folder)).eval()
     assert tsw.is_untied(model.t5) == untied
     dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
                                   project_template["root"] / "features/val")
@@ -105,8 +105,8 @@ def test_loss_equals_t5s_own_loss(project_template, untied_project, untied):
     batch = tsw.collate_clips([dataset[i] for i in range(5)])
     assert (batch["labels"] == -100).any()              # padding present
     ours, tokens = model(batch)
-    inputs_embeds, mask = model.encoder_inputs(batch)[:2]
-    reference = model.t5(inputs_embeds=inputs_embeds, attention_mask=mask, labels=batch["labels"]).loss
+    memory, mask = model.decoder_memory(batch)      # the encoder's output, then the frames beside it
+    reference = model.t5(encoder_outputs=tsw.encoder_output(memory), attention_mask=mask, labels=batch["labels"]).loss
     assert torch.allclose(ours, reference, atol=1e-5)
     assert tokens == (batch["labels"] != -100).sum()
 

@@ -74,15 +74,15 @@ def test_each_family_trains_predicts_resumes_and_exports(project, decoders, fami
     assert all(torch.equal(exported.state_dict()[k], trained[k]) for k in shared)
 
 
-@pytest.mark.parametrize("route", tsw.FRAME_ROUTES)
 @pytest.mark.parametrize("family", ["nllb", "bart", "t5"])
-def test_loss_is_the_decoders_own(project, decoders, family, route):
+def test_loss_is_the_decoders_own(project, decoders, family):
     """The loss that trains the bridge equals the model's own loss on the same inputs (T5's faster path too):
-    its inputs_embeds (frames read by its encoder) or its encoder_outputs (frames beside them)."""
+    its inputs_embeds (BART, NLLB: frames read by its encoder) or its encoder_outputs (T5: frames beside them)."""
     folder = project / "t5-small" if family == "t5" else decoders[family]
     t5, tokenizer = tsw.load_decoder(folder)
     model = tsw.SONARwithT5(None, str(folder), device="cpu", decoder=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
-                            feature_dim=64, frame_route=route).eval()
+                            feature_dim=64).eval()
+    route = model.config.route
     batch = model.batch_from_features(torch.randn(3, 20, 64))
     batch["labels"] = model.labels_from_texts(["Make sure you cut the onion.", "Hi.", "Next we fold the paper."])
     loss, tokens = model.loss(batch)
@@ -95,24 +95,20 @@ def test_loss_is_the_decoders_own(project, decoders, family, route):
     assert torch.allclose(loss, own, atol=1e-5) and int(tokens) == int((batch["labels"] != -100).sum())
 
 
-def test_the_default_frame_route_follows_the_decoder_family(project, decoders):
-    """--frame_route auto (the default): frames beside the encoder output for T5, in the encoder for BART and
-    M2M100 / NLLB (which learned far worse beside it, docs/benchmarks/quality.md); choosing cross_attention for those gets one
-    line of advice, nothing else does."""
-    for family, route, resolved in (("t5", "auto", "cross_attention"), ("nllb", "auto", "encoder"),
-                                    ("bart", "auto", "encoder"), ("nllb", "cross_attention", "cross_attention"),
-                                    ("bart", "cross_attention", "cross_attention"), ("t5", "encoder", "encoder")):
+def test_the_frame_route_follows_the_decoder_family(project, decoders):
+    """Frames beside the encoder output for T5, in the encoder for BART and M2M100 / NLLB (which learned far worse
+    beside it, docs/benchmarks/quality.md); a checkpoint of a route its family does not take is refused."""
+    for family, resolved in (("t5", "cross_attention"), ("nllb", "encoder"), ("bart", "encoder")):
         folder = project / "t5-small" if family == "t5" else decoders[family]
         t5, tokenizer = tsw.load_decoder(folder)
         model = tsw.SONARwithT5(None, str(folder), device="cpu", decoder=t5, tokenizer=tokenizer,
-                                encoder_dims=(64, 128, 128, 256), feature_dim=64, frame_route=route)
+                                encoder_dims=(64, 128, 128, 256), feature_dim=64)
         assert model.config.route == resolved
         assert (model.bridge.frame_memory is not None) == (resolved == "cross_attention")
-        advice = tsw.frame_route_advice(model.config)
-        if family != "t5" and resolved == "cross_attention":
-            assert "--frame_route encoder" in advice and "\n" not in advice
-        else:
-            assert advice is None
+        config = model.config.to_dict()
+        assert tsw.retired_option({**config, "frame_route": resolved}) is None           # what auto chose
+        other = "encoder" if resolved == "cross_attention" else "cross_attention"
+        assert tsw.retired_option({**config, "frame_route": other})[0] == f"--frame_route {other}"
 
 
 def test_bridge_output_matches_the_scale_of_the_encoders_own_tokens(decoders):
@@ -124,14 +120,13 @@ def test_bridge_output_matches_the_scale_of_the_encoders_own_tokens(decoders):
     rows = float(t5.get_input_embeddings().weight.pow(2).mean().sqrt())
     assert tsw.embedding_scale(t5) == pytest.approx(own, rel=0.05)
     assert own == pytest.approx(rows * 64 ** 0.5, rel=0.05)
-    model = tsw.SONARwithT5(None, "nllb", device="cpu", decoder=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
-                            frame_route="cross_attention")
+    model = tsw.SONARwithT5(None, "nllb", device="cpu", decoder=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256))
     assert float(model.bridge.output_scale) == pytest.approx(own, rel=0.05)
     # frames beside the encoder's output start at the scale of that output (here ~1, after its LayerNorm)
     sentence = tokenizer(["Next we fold the paper and cut along the line."], return_tensors="pt")
     with torch.no_grad():
         output = float(t5.get_encoder()(**sentence)[0].pow(2).mean().sqrt())
-    assert float(model.bridge.frame_memory.scale) == pytest.approx(output, rel=0.2)
+    assert tsw.encoder_output_scale(t5) == pytest.approx(output, rel=0.2)
 
 
 def test_target_language_errors_are_one_line(project, decoders, capsys):

@@ -186,12 +186,11 @@ def test_frame_windows_follow_the_clip_and_ignore_padding():
 
 @pytest.mark.parametrize("layers", [0, 1])
 def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, tmp_path, layers):
-    """--frame_route cross_attention: T5's encoder reads only the bridge's queries; the decoder's
-    cross-attention reads its output and then the frame memory. A run trains, --predict reproduces its
-    predictions, and Cell 7's model of the other route (and depth) rebuilds it from the state dict."""
+    """T5's frame route: its encoder reads only the bridge's queries; the decoder's cross-attention reads its
+    output and then the frame memory. A run trains, --predict reproduces its predictions, and Cell 7's model of
+    another depth (or without frames) rebuilds it from the state dict."""
     out = tmp_path / "cross"
-    route = ["--frame_route", "cross_attention", "--frame_memory_layers", str(layers)]
-    other = ["encoder", 0] if layers else ["cross_attention", 2]
+    route = ["--frame_memory_layers", str(layers)]
     assert tsw.main(quick_flags(project, out, "--epochs", "2", "--cache_dir", str(tmp_path / "cache"), *route)) == 0
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").eval()
     assert model.config.route == "cross_attention" and len(model.bridge.frame_memory.layers) == layers
@@ -217,8 +216,7 @@ def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, t
                          for name in ("predictions.tsv", "best_predictions.tsv"))
     assert [(r["id"], r["prediction"]) for r in predictions] == [(r["id"], r["prediction"]) for r in best]
     state = torch.load(out / "best_model.pt")["model_state_dict"]
-    for built in (dict(frame_route=other[0], frame_memory_layers=other[1]),
-                  dict(frame_attention=False)):
+    for built in (dict(frame_memory_layers=2 - layers), dict(frame_attention=False)):
         cell7 = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                                 str(project / "t5-small"), device="cpu", **built)
         cell7.load_state_dict(state)
