@@ -116,6 +116,8 @@ class ModelConfig:
                                  "to them too (--no-frame_attention: the sentence embedding only)")
     frame_stride: int = flag(2, "frames", "temporal striding: one frame token every this many frames", "at least 1")
     frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
+    frame_centering: bool = flag(False, "frames", "subtract each clip's own mean frame before making frame tokens (a "
+                                 "signer's position, an extractor's per-clip shift)")
     frame_memory_layers: int = flag(1, "frames", "T5 and mT5 decoders: self-attention layers over the frame tokens, which "
                                     "go beside the encoder's output", "0 or more")
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
@@ -1288,11 +1290,11 @@ class FrameEncoder(nn.Module):
     """Frames standardised per dimension with training-set statistics, then temporal striding: a window
     of `kernel` consecutive frames, every `stride` frames, projected into one token (a linear map of the
     stacked frames, i.e. a 1-D convolution: order within the window is kept), with positions.
-    stride 1, kernel 1: one token per frame."""
+    stride 1, kernel 1: one token per frame. `center`: each clip's own mean frame is subtracted first."""
 
-    def __init__(self, frame_dim, d_model, stride=1, kernel=None):
+    def __init__(self, frame_dim, d_model, stride=1, kernel=None, center=False):
         super().__init__()
-        self.stride, self.kernel = stride, kernel or stride
+        self.stride, self.kernel, self.center = stride, kernel or stride, center
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
@@ -1303,6 +1305,8 @@ class FrameEncoder(nn.Module):
         frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
         batch, length, dim = frames.shape
         valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
+        if self.center:   # a signer's position and an extractor's per-clip shift, removed
+            frames = frames - (frames * valid[..., None]).sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None, None]
         frames = frames * valid[..., None]                           # padding is 0 inside the last window too
         steps = -(-length // self.stride)                            # windows start at 0, s, 2s, ... < T
         frames = F.pad(frames, (0, 0, 0, (steps - 1) * self.stride + self.kernel - length))
@@ -1370,7 +1374,8 @@ class Bridge(nn.Module):
         self.register_buffer("embedding_mean", torch.zeros(embed_dim))
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self.expander = nn.Parameter(torch.randn(config.num_queries, d_model))   # the learnable queries
-        self.frame_encoder = (FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel)
+        self.frame_encoder = (FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel,
+                                           config.frame_centering)
                               if config.frame_attention else None)
         self.frame_memory = None             # FrameMemory on the cross_attention route (make_bridge)
         self.output_norm = nn.LayerNorm(d_model) if config.bridge_layernorm else nn.Identity()
@@ -3141,16 +3146,18 @@ class Trainer:
         load_model_state(self.raw_model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
         # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
         predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
-        averaging = self.average_checkpoints(best_path, loss, scores)
+        averaging = self.average_checkpoints(loss, scores)
         if averaging and averaging["kept"]:
             predictions, loss, scores = averaging.pop("evaluation")
         tuning = self.tune_decoding(scores)
         if tuning:
             predictions, scores = tuning.pop("predictions"), tuning.pop("scores")
-            self.raw_model.decoding = tuning["chosen"]
-            if self.world.is_main:   # its state dict carries the choice: --predict and the guide's Cell 7 decode so
-                checkpoint = safe_torch_load(best_path, "best model")
-                atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict()}, best_path)
+            self.raw_model.decoding = tuning["chosen"]   # its state dict carries the choice to --predict and Cell 7
+        if self.world.is_main and (tuning or (averaging and averaging["kept"])):
+            checkpoint = safe_torch_load(best_path, "best model")
+            atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict(),
+                               **({"averaged_epochs": averaging["epochs"]} if averaging and averaging["kept"] else {})},
+                              best_path)
         sentences = [p.prediction for p in predictions]
         results = {"best_epoch": self.state.best["epoch"], **score_record(scores), "val_loss": loss,
                    "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
@@ -3190,10 +3197,10 @@ class Trainer:
                     "results.json", "best_predictions.tsv", "metrics.jsonl", "training_curves.png", "train.log")])
         return results
 
-    def average_checkpoints(self, best_path, best_loss, best_scores):
-        """The mean of the weights of the --average_checkpoints best evaluations, kept (and saved as best_model.pt)
-        when it beats the best one alone on every validation clip by the selection metric. What the log and
-        results.json say of it, with its evaluation when kept; None with fewer than two kept."""
+    def average_checkpoints(self, best_loss, best_scores):
+        """The mean of the weights of the --average_checkpoints best evaluations, kept (finish saves it as
+        best_model.pt) when it beats the best one alone on every validation clip by the selection metric. What the
+        log and results.json say of it, with its evaluation when kept; None with fewer than two kept."""
         if len(self.top_states) < 2:
             return None
         best_state = self.raw_model.trained_state_dict()
@@ -3211,10 +3218,6 @@ class Trainer:
                     + ("kept, saved as best_model.pt" if kept else f"not kept (no better {metric})"))
         if not kept:
             self.raw_model.load_state_dict(best_state, strict=False)
-        elif self.world.is_main:
-            checkpoint = safe_torch_load(best_path, "best model")
-            atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict(),
-                               "averaged_epochs": epochs}, best_path)
         return {"epochs": epochs, "val_bleu_best_epoch": best_scores["bleu"], "val_bleu_averaged": scores["bleu"],
                 "kept": kept, **({"evaluation": (predictions, loss, scores)} if kept else {})}
 
