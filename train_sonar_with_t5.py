@@ -1142,22 +1142,6 @@ def collate_clips(items):
     return batch
 
 
-def stretch_frames(batch, stretch):
-    """Speed perturbation of a training batch: each clip's frames resampled (linearly) to between 1 / (1 + stretch)
-    and (1 + stretch) times their length, as a signer signs slower or faster; padding stays zero."""
-    if not stretch or "features" not in batch:
-        return batch
-    clips = []
-    for frames, length in zip(batch["features"], batch["length"].tolist()):
-        factor = math.exp(random.uniform(-math.log1p(stretch), math.log1p(stretch)))
-        size = max(1, round(length * factor))
-        clips.append(F.interpolate(frames[:length].T[None], size=size, mode="linear", align_corners=True)[0].T
-                     if length > 1 else frames[:1].expand(size, -1))                       # (size, D)
-    lengths = torch.tensor([len(clip) for clip in clips])
-    padded = torch.stack([F.pad(clip, (0, 0, 0, int(lengths.max()) - len(clip))) for clip in clips])
-    return {**batch, "features": padded, "length": lengths}
-
-
 def skip_summary(dataset):
     """One console line per split: how many rows/clips were skipped, why, and the first ids."""
     if not dataset.skipped:
@@ -2140,7 +2124,7 @@ def saved_config(state_dict, origin="this checkpoint"):
     if retired:
         raise UserError(f"{origin}: trained with {retired[0]}, which this version no longer has: {retired[1]}; "
                         "retrain with this version")
-    return ModelConfig.from_dict(extra["config"])
+    return ModelConfig.from_dict({"frame_centering": False, **extra["config"]})   # saved before it existed: off
 
 
 def check_model_checkpoint(checkpoint, path, keys=()):
@@ -2763,36 +2747,6 @@ def bleurt_score(predictions, references, checkpoint, device, batch_size=32):
     return sum(scores) / max(len(scores), 1)
 
 
-def plot_training_curves(metrics, path):
-    """Loss, BLEU and distinct-prediction share per epoch (skipped when matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not getattr(plot_training_curves, "warned", False):
-            logger.info("matplotlib not installed: no training_curves.png (pip install matplotlib).")
-            plot_training_curves.warned = True
-        return
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    evaluated = [m for m in metrics if "val_bleu" in m]
-    axes[0].plot([m["epoch"] for m in metrics], [m["train_loss"] for m in metrics], "o-", label="train")
-    axes[0].plot([m["epoch"] for m in evaluated], [m["val_loss"] for m in evaluated], "o-", label="val")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    axes[1].plot([m["epoch"] for m in evaluated], [m["val_bleu"] for m in evaluated], "o-")
-    axes[1].set_title("validation BLEU")
-    axes[2].plot([m["epoch"] for m in evaluated], [100 * m["distinct_share"] for m in evaluated], "o-")
-    axes[2].set_title("distinct predictions (%)")
-    axes[2].set_ylim(0, 105)
-    for axis in axes:
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=90))
-    plt.close(figure)
-
-
 @dataclass
 class TrainState:
     epoch: int = 0              # completed epochs
@@ -2824,7 +2778,6 @@ class Trainer:
         self.reporter = None
         self.best_eval = None       # (predictions, loss, scores) of the best epoch, when it covered every clip
         self.decoding = {name: getattr(args, name) for name in DECODING_DEFAULTS}   # tuned after training
-        self.top_states = []        # (selection metric, epoch, weights) of the best evaluations, to average
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -3007,7 +2960,7 @@ class Trainer:
             last_micro_batch = (i + 1) % args.grad_accum_steps == 0 or i + 1 == len(batches)
             with self.gradient_sync(last_micro_batch), autocast_for(self.device, self.precision), \
                     out_of_memory_as_user_error(f"at --batch_size {args.batch_size}", OOM_TRAINING_HINT):
-                loss, tokens = self.model(stretch_frames(batch, args.speed_perturbation), label_smoothing=args.label_smoothing)
+                loss, tokens = self.model(batch, label_smoothing=args.label_smoothing)
                 if loss.requires_grad:   # not when a frozen decoder's layerdrop skipped every layer this step
                     self.scaler.scale(loss / args.grad_accum_steps).backward()
             step_loss = step_loss + loss.detach().float() * tokens
@@ -3097,10 +3050,6 @@ class Trainer:
         record = {"val_loss": loss, **score_record(scores), "eval_clips": len(predictions), **diagnostics}
         best = self.state.best
         metric = self.args.early_stopping_metric
-        if self.args.average_checkpoints > 1:    # weights of the best evaluations so far, in memory
-            value = -loss if metric == "loss" else record[f"val_{metric}"]
-            self.top_states = sorted(self.top_states + [(value, epoch + 1, self.raw_model.trained_state_dict())],
-                                     key=lambda item: -item[0])[: self.args.average_checkpoints]
         improved = improves(record, best, metric, self.args.early_stopping_threshold)
         self.state.stale_evals = 0 if improved else self.state.stale_evals + 1
         if improved:  # every process tracks the best; only the main one writes it
@@ -3146,18 +3095,13 @@ class Trainer:
         load_model_state(self.raw_model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
         # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
         predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
-        averaging = self.average_checkpoints(loss, scores)
-        if averaging and averaging["kept"]:
-            predictions, loss, scores = averaging.pop("evaluation")
         tuning = self.tune_decoding(scores)
         if tuning:
             predictions, scores = tuning.pop("predictions"), tuning.pop("scores")
             self.raw_model.decoding = tuning["chosen"]   # its state dict carries the choice to --predict and Cell 7
-        if self.world.is_main and (tuning or (averaging and averaging["kept"])):
-            checkpoint = safe_torch_load(best_path, "best model")
-            atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict(),
-                               **({"averaged_epochs": averaging["epochs"]} if averaging and averaging["kept"] else {})},
-                              best_path)
+            if self.world.is_main:
+                checkpoint = safe_torch_load(best_path, "best model")
+                atomic_torch_save({**checkpoint, "model_state_dict": self.raw_model.trained_state_dict()}, best_path)
         sentences = [p.prediction for p in predictions]
         results = {"best_epoch": self.state.best["epoch"], **score_record(scores), "val_loss": loss,
                    "signature": scores["signature"], "rouge_signature": ROUGE_SIGNATURE if scores["rouge_l"] is not None else None,
@@ -3167,7 +3111,7 @@ class Trainer:
                    "data_fingerprints": {split: self.fingerprints.get(split) for split in ("train", "val", "test")},
                    "sentence_encoder": list(self.config.encoder_dims) if self.config.uses_encoder else None,
                    "frames_alone": not self.config.uses_encoder, "decoding": self.decoding,
-                   "decoding_tuning": tuning, "checkpoint_averaging": averaging, "args": plain_args(self.args)}
+                   "decoding_tuning": tuning, "args": plain_args(self.args)}
         test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
         if test:
             results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
@@ -3194,32 +3138,8 @@ class Trainer:
                         f"training_log.json and t5_export/ in {self.out}")
             if self.reporter:
                 self.reporter.finish(results, [self.out / name for name in (
-                    "results.json", "best_predictions.tsv", "metrics.jsonl", "training_curves.png", "train.log")])
+                    "results.json", "best_predictions.tsv", "metrics.jsonl", "train.log")])
         return results
-
-    def average_checkpoints(self, best_loss, best_scores):
-        """The mean of the weights of the --average_checkpoints best evaluations, kept (finish saves it as
-        best_model.pt) when it beats the best one alone on every validation clip by the selection metric. What the
-        log and results.json say of it, with its evaluation when kept; None with fewer than two kept."""
-        if len(self.top_states) < 2:
-            return None
-        best_state = self.raw_model.trained_state_dict()
-        states = [state for _, _, state in self.top_states]
-        self.raw_model.load_state_dict({**best_state, **{key: torch.stack([state[key] for state in states]).mean(dim=0)
-                                        for key, value in best_state.items() if torch.is_tensor(value)
-                                        and value.is_floating_point()}}, strict=False)
-        predictions, loss, scores = self.evaluate(full=True)[:3]
-        metric = self.args.early_stopping_metric
-        kept = improves({"val_loss": loss, **score_record(scores)}, {"val_loss": best_loss, **score_record(best_scores)},
-                        metric)
-        epochs = sorted(epoch for _, epoch, _ in self.top_states)
-        logger.info(f"Checkpoint averaging: the weights of epochs {', '.join(map(str, epochs))} averaged score BLEU "
-                    f"{scores['bleu']:.2f} on the validation clips (the best epoch alone {best_scores['bleu']:.2f}): "
-                    + ("kept, saved as best_model.pt" if kept else f"not kept (no better {metric})"))
-        if not kept:
-            self.raw_model.load_state_dict(best_state, strict=False)
-        return {"epochs": epochs, "val_bleu_best_epoch": best_scores["bleu"], "val_bleu_averaged": scores["bleu"],
-                "kept": kept, **({"evaluation": (predictions, loss, scores)} if kept else {})}
 
     def tune_decoding(self, trained_scores):
         """The best checkpoint's decoding, chosen on every validation clip from --decoding_grid (the settings the
@@ -3264,7 +3184,6 @@ class Trainer:
     def record_metrics(self, record):
         self.metrics.append(record)
         self.write_metrics()
-        plot_training_curves(self.metrics, self.out / "training_curves.png")
         if self.reporter:
             self.reporter.log(record, record["epoch"])
 
@@ -3847,9 +3766,6 @@ def build_parser():
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the training loss")
-    g.add_argument("--speed_perturbation", type=float, default=0.0,
-                   help="training clips' frames resampled to between 1/(1+S) and (1+S) times their length (a signer's "
-                        "speed varies); 0: off")
     g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="with frames: training batches of clips of similar length (less padding, faster steps)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
@@ -3866,9 +3782,6 @@ def build_parser():
 
     g = p.add_argument_group("evaluation and decoding")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    g.add_argument("--average_checkpoints", type=int, default=0, metavar="K",
-                   help="after training, average the weights of the K best evaluations (kept in memory since the run "
-                        "or its last --resume started) and keep the mean when it scores higher on validation")
     g.add_argument("--max_eval_clips", type=int, default=0,
                    help="per-epoch evaluation on a fixed subset of N clips (0: all); final scores use all")
     g.add_argument("--eval_batch_size", type=int, default=64, help="clips per generation batch")
@@ -3959,8 +3872,7 @@ FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
     **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
-                     "no_repeat_ngram_size", "early_stopping_threshold", "speed_perturbation",
-                     "average_checkpoints"), "0 or more"),
+                     "no_repeat_ngram_size", "early_stopping_threshold"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),
     "label_smoothing": "in [0, 1)", "max_skip_share": "in [0, 1]"}

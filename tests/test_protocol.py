@@ -260,33 +260,3 @@ def test_the_log_names_decoding_loops(project, tmp_path, monkeypatch, loops):
     assert (share == 1.0) if loops else (share == 0.0)
     assert ("100% of the predictions repeat a 4-gram (decoding loops, e.g." in log) == loops
     assert ("repeat a 4-gram (decoding loops" in log) == loops
-
-
-@pytest.mark.parametrize("forced", [False, True])
-def test_checkpoint_averaging_is_kept_only_when_it_scores_higher_and_predict_decodes_what_was_kept(
-        project, tmp_path, monkeypatch, forced):
-    if forced:   # the mean wins whatever it scores (an untrained model's mean rarely does): the path that keeps it
-        finish = tsw.Trainer.finish
-
-        def finish_where_the_mean_wins(self):
-            monkeypatch.setattr(tsw, "improves", lambda *args, **kwargs: True)
-            return finish(self)
-        monkeypatch.setattr(tsw.Trainer, "finish", finish_where_the_mean_wins)
-    out = tmp_path / "run"
-    assert tsw.main(quick_flags(project, out, "--epochs", "4", "--average_checkpoints", "3", "--decoding_grid", "none",
-                                "--early_stopping_metric", "loss")) == 0
-    results = json.loads((out / "results.json").read_text())
-    averaging = results["checkpoint_averaging"]
-    losses = {m["epoch"]: m["val_loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-    assert averaging["epochs"] == sorted(sorted(losses, key=losses.get)[:3])          # the three lowest losses
-    checkpoint = torch.load(out / "best_model.pt")
-    assert ("averaged_epochs" in checkpoint) == averaging["kept"]
-    assert averaging["kept"] or not forced
-    if forced:
-        assert results["val_bleu"] == pytest.approx(averaging["val_bleu_averaged"])
-    elif averaging["kept"]:
-        assert results["val_loss"] < min(losses.values())
-    else:
-        assert results["val_loss"] == pytest.approx(min(losses.values()))
-    assert predict(out / "best_model.pt", project, "val") == \
-        {row["id"]: row["prediction"] for row in read_tsv(out / "best_predictions.tsv")}
