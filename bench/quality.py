@@ -263,15 +263,21 @@ def summarise(runs):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {list(ROWS)}")
+def bench_parser(doc, rows, out):
+    """The flags of the quality benches (this one and bench/signs.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(rows), help=f"comma-separated, from {list(rows)}")
     parser.add_argument("--seeds", default="1,2", help="training seeds, comma-separated")
-    parser.add_argument("--extra", default="", help="flags added to every run (a candidate to compare)")
-    parser.add_argument("--out", default="bench/results/quality", help="data, decoders and runs go here")
+    parser.add_argument("--extra", default="", help='flags added to every run (a candidate to compare; one flag alone '
+                                                    'is written --extra="--flag")')
+    parser.add_argument("--out", default=out, help="data, decoders and runs go here")
     parser.add_argument("--tag", default="", help="subfolder for this set of runs (default: from --extra)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = bench_parser(__doc__, ROWS, "bench/results/quality").parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out)
     summary = prepare(root)

@@ -31,7 +31,6 @@ trained on the gloss text itself instead of the frames (perfect sign recognition
 BLEU as a share of that limit. Prints a table, then one JSON line.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -363,16 +362,10 @@ def gloss_limit(root, decoder, out, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {list(ROWS)}")
-    parser.add_argument("--seeds", default="1,2", help="training seeds, comma-separated")
+    parser = quality.bench_parser(__doc__, ROWS, "bench/results/signs")
     parser.add_argument("--limits", choices=("yes", "none", "only"), default="yes",
                         help="also train each row's gloss-text limit (none: frames only; only: limits only)")
-    parser.add_argument("--extra", default="", help="flags added to every frames run (a candidate to compare)")
-    parser.add_argument("--out", default="bench/results/signs", help="data and runs go here")
     parser.add_argument("--quality_out", default="bench/results/quality", help="bench/quality.py's --out (decoders)")
-    parser.add_argument("--tag", default="", help="subfolder for this set of runs (default: from --extra)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out)
