@@ -2771,8 +2771,7 @@ class Trainer:
         self.given = given          # flags typed on the command line (--resume: the others follow last.pt's)
         self.device = world.device
         self.out = Path(args.output_dir)
-        self.precision, why = resolve_precision(args.precision, self.device)
-        logger.info(f"Precision: {self.precision} ({why})")
+        self.precision, self.precision_reason = resolve_precision(args.precision, self.device)
         self.state = TrainState()
         self.metrics = []
         self.reporter = None
@@ -2795,6 +2794,7 @@ class Trainer:
         elif args.sonar_checkpoint is not None:
             encoder = load_sonar_encoder(args.sonar_checkpoint)
             config = config.replace(encoder_dims=encoder.dims)
+        logger.info(f"Precision: {self.precision} ({self.precision_reason})")   # once the model's files are read
         datasets = self.load_datasets(config)
         if config.frame_width is None:   # frames alone: the training clips' width
             config = config.replace(feature_dim=datasets["train"].feature_dim)
