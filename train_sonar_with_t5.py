@@ -205,8 +205,8 @@ class ModelConfig:
 
 ModelConfig.FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata)
 # Options retired on 2026-12-07: measurements rejected them and no default used them (their numbers are in
-# docs/benchmarks' archives; CHANGELOG.md lists them). (flag, value; None: any value) -> what replaced it.
-RETIRED = {   # flag: (its retired values, None: the flag itself; what replaced it)
+# docs/benchmarks' archives; CHANGELOG.md lists them). A flag: (its retired values, None: the flag itself; what
+RETIRED = {   # replaced it)
     "bridge": (("memory", "prefix"), "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)"),
     "frame_summary": (None, "frames alone always learn the attention summary, which scored higher than the mean"),
     **dict.fromkeys(("frame_store", "frame_cache_gb"), (None, "clips are always read once into the frame store; put it "
@@ -810,7 +810,8 @@ class FrameStore:
 
 
 class FrameStoreBuilder:
-    """Writes a FrameStore while the clip files are scanned (its `keep`), then renames it into place. A full disk is a UserError naming the folder and the space needed."""
+    """Writes a FrameStore while the clip files are scanned (its `keep`), then renames it into place. A full
+    disk is a UserError naming the folder and the space needed."""
 
     def __init__(self, folder, needed_bytes):
         self.folder, self.needed = Path(folder), needed_bytes
@@ -2287,7 +2288,7 @@ def loop_warning(scores, predictions):
     example = next((p.prediction for p in predictions if repeats_a_4gram(p.prediction)), "")
     return (f"{scores['repeat_4gram_share']:.0%} of the predictions repeat a 4-gram (decoding loops, e.g. "
             f"\"{example[:80]}...\"): the decoder has not learned where sentences end. After training the decoding is "
-            "chosen on the validation clips (--decoding_grid tries --no_repeat_ngram_size 3 and --length_penalty 1.0); "
+            "chosen on the validation clips (the default --decoding_grid tries --no_repeat_ngram_size 3 and --length_penalty 1.0); "
             "meanwhile more epochs, more data or --no_repeat_ngram_size 3 help")
 
 

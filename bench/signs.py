@@ -32,6 +32,7 @@ BLEU as a share of that limit. Prints a table, then one JSON line.
 """
 
 import glob
+import itertools
 import json
 import os
 import re
@@ -112,7 +113,7 @@ def signed_words(sentence):
     return words
 
 
-def asl_order(words, sentence, rng):
+def asl_order(words, rng):
     """Time words first, wh-words last, and in a quarter of sentences the object (last two signs) as a topic."""
     time_words = [w for w in words if w in TIME_WORDS]
     wh = [w for w in words if w in WH_WORDS]
@@ -243,7 +244,7 @@ def prepare(root):
     chosen = [sentences[i] for i in rng.permutation(len(sentences))[: sum(SPLITS.values())]]
     bounds = np.cumsum([0, *SPLITS.values()])
     split_sentences = {name: chosen[a:b] for name, a, b in zip(SPLITS, bounds, bounds[1:])}
-    ordered = {name: [asl_order(signed_words(s), s, rng) for s in texts] for name, texts in split_sentences.items()}
+    ordered = {name: [asl_order(signed_words(s), rng) for s in texts] for name, texts in split_sentences.items()}
     lexicon = SignLexicon(ordered["train"], rng)
     signing = Signing(lexicon, rng)
     stats = {"sentences_found": len(sentences), "signs": len(lexicon.signs), "words_signed": len(lexicon.sign_of)}
@@ -351,7 +352,7 @@ def gloss_limit(root, decoder, out, seed):
             best, best_state = (epoch + 1, bleu), {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     grid = tsw.parse_sweep(tsw.DECODING_GRID)
-    settings = [dict(zip(grid, values)) for values in __import__("itertools").product(*grid.values())]
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     tuned = max(settings, key=lambda setting: decode("val", {**decoding, **setting})["bleu"])
     val, test = decode("val", {**decoding, **tuned}), decode("test", {**decoding, **tuned})
     result = {"best_epoch": best[0], "val_bleu_untuned": best[1], "decoding": tuned, "val_bleu": val["bleu"],
