@@ -42,6 +42,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -53,7 +54,7 @@ import threading
 import time
 import zipfile
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -116,8 +117,6 @@ class ModelConfig:
                                  "to them too (--no-frame_attention: the sentence embedding only)")
     frame_stride: int = flag(2, "frames", "temporal striding: one frame token every this many frames", "at least 1")
     frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
-    frame_centering: bool = flag(False, "frames", "subtract each clip's own mean frame before making frame tokens (a "
-                                 "signer's position, an extractor's per-clip shift)")
     frame_memory_layers: int = flag(1, "frames", "T5 and mT5 decoders: self-attention layers over the frame tokens, which "
                                     "go beside the encoder's output", "0 or more")
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
@@ -218,10 +217,18 @@ RETIRED = {   # replaced it)
     **dict.fromkeys(("do_sample", "temperature", "top_p"), (None, "decoding is deterministic beam search (sampling hid "
                                                                   "collapse and made --predict irreproducible)")),
     "compile": (None, "it was never measured faster: shapes change every batch (dynamic padding)"),
+    "strict": (None, "--max_skip_share 0 stops before training on any unusable row or clip, naming the causes"),
+    "num_workers": (None, "items come from the memory-mapped frame store (extra DataLoader processes were never measured)"),
+    "group_by_length": (None, "training batches are always of clips of similar length (less padding, faster steps)"),
     "frame_route": (None, "frames go where they scored higher for the decoder's family (the former auto): beside the "
                           "encoder's output for T5 and mT5, into the encoder for BART and M2M100 / NLLB-200"),
+    "bleurt": (None, "it was never measured or tested here; score best_predictions.tsv or test_predictions.tsv with "
+                     "BLEURT afterwards (docs/training.md shows how)"),
+    "frame_centering": (None, "it lost on bench/quality.py (27.21 against 32.00 BLEU); pose clips are centred on the "
+                              "shoulders when they are prepared"),
 }
-KEPT_VALUES = {"frame_summary": ("attention",), "standardize": (True,), "prefix_dim": (None,)}   # what checkpoints may hold
+KEPT_VALUES = {"frame_summary": ("attention",), "standardize": (True,), "prefix_dim": (None,),   # what checkpoints may hold
+               "frame_centering": (False,)}
 
 
 def family_route(family):
@@ -637,28 +644,186 @@ def assign_spans(rows, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Frame store: every feature file read once; each clip (or each sentence's span of a video) keeps its
-# mean frame and its length in memory, and its frames in the store
+# 4. Frame store: every clip file read once (pose clips prepared into frames first); each clip (or each
+# sentence's span of a video) keeps its mean frame and its length in memory, and its frames in the store
+
+# Poses as clips: How2Sign's OpenPose folders (one JSON per frame) and .pose files (pose-format) become (T, 3 x points)
+# frames by one preparation, chosen in bench/poses.py (docs/benchmarks/poses.md): the points that sign (upper body, 23
+# face points, both hands; no hips or legs), centred on the shoulders' mid-point and scaled by their width (medians
+# over the clip), each hand's points relative to its wrist, a missing point as zeros beside its confidence.
+POSE_SUFFIX = ".pose"
+POSE_PREPARATION = "upper body, 23 face points, hands from their wrists; shoulder-scaled; x, y, confidence (v1)"
+OPENPOSE_FRAME = re.compile(r"_(\d+)_keypoints\.json$")
+OPENPOSE_PARTS = (("pose_keypoints_2d", 25), ("face_keypoints_2d", 70), ("hand_left_keypoints_2d", 21),
+                  ("hand_right_keypoints_2d", 21))
+
+
+# The signing points of the skeletons pose files hold (their components' names: body, face, left hand, right hand;
+# the body points and face points kept; the body's left and right shoulder). Other components keep every point.
+SKELETONS = (
+    (tuple(name for name, _ in OPENPOSE_PARTS), (0, 1, 2, 3, 4, 5, 6, 7, 15, 16, 17, 18),
+     (17, 19, 21, 22, 24, 26, 36, 39, 42, 45, 30, 48, 50, 51, 52, 54, 56, 57, 58, 61, 63, 65, 67), (5, 2)),
+    (("POSE_LANDMARKS", "FACE_LANDMARKS", "LEFT_HAND_LANDMARKS", "RIGHT_HAND_LANDMARKS"), (0, 2, 5, 7, 8, 11, 12, 13, 14,
+     15, 16), (70, 105, 107, 336, 334, 300, 33, 133, 362, 263, 1, 61, 291, 0, 17, 37, 267, 84, 314, 13, 14, 78, 308), (11, 12)),
+)
+
+
+def is_pose_clip(path):
+    return str(path).endswith(POSE_SUFFIX) or os.path.isdir(path)
+
+
+def prepare_pose(parts):
+    """(T, 3 x points) float32 frames from {component: (T, P, 3) x, y, confidence} (confidence 0: not found): x, y
+    and confidence of each kept point; the hands are the last 2 x 21 points (of a known skeleton)."""
+    skeleton = next((s for s in SKELETONS if set(s[0]) <= set(parts)), None)
+    if skeleton is None:                              # centre and scale: the box of every point found
+        points = np.concatenate(list(parts.values()), axis=1)
+        shoulders = np.zeros((len(points), 2, 3), dtype=np.float32)
+    else:
+        (body, face, left, right), keep_body, keep_face, pair = [parts[name] for name in skeleton[0]], *skeleton[1:]
+        points = np.concatenate([body[:, list(keep_body)], face[:, list(keep_face)], left, right], axis=1)
+        shoulders = body[:, list(pair)]
+    both = (shoulders[..., 2] > 0).all(axis=1)
+    if both.any():
+        centre = np.median(shoulders[both, :, :2].mean(axis=1), axis=0)
+        scale = float(np.median(np.linalg.norm(shoulders[both, 0, :2] - shoulders[both, 1, :2], axis=-1)))
+    else:
+        xy = points[points[..., 2] > 0][:, :2]
+        centre, scale = (xy.min(axis=0) + xy.max(axis=0)) / 2, float(np.ptp(xy, axis=0).max(initial=0))
+    found = points[..., 2:] > 0
+    xy = (points[..., :2] - centre) / (scale if scale > 0 else 1.0) * found
+    for wrist in (-42, -21) if skeleton is not None else ():      # each hand's points from its wrist (its point 0)
+        hand = slice(wrist + 1, wrist + 21 or None)
+        xy[:, hand] = (xy[:, hand] - xy[:, wrist: wrist + 1]) * found[:, hand] * found[:, wrist: wrist + 1]
+    frames = np.concatenate([xy, np.clip(points[..., 2:], 0, 1) * found], axis=-1)
+    return np.nan_to_num(frames).reshape(len(points), -1).astype(np.float32)
+
+
+def read_openpose_folder(folder):
+    """({component: (T, P, 3)}, notes) of one How2Sign keypoint folder: one OpenPose JSON per frame, in frame-number
+    order, the most confident person of each; a frame with no person, a missing frame number or an unreadable file
+    is a frame of missing points, and `notes` names it ({kind: [count, first example]}), as it names stray files."""
+    numbered, notes = {}, {}
+
+    def note(kind, example):
+        notes.setdefault(kind, [0, example])[0] += 1
+
+    for name in sorted(os.listdir(folder)):
+        match = OPENPOSE_FRAME.search(name)
+        if match:
+            numbered[int(match.group(1))] = name
+        else:
+            note("stray files", name)
+    if not numbered:
+        raise ValueError("no OpenPose frame files (<name>_<frame>_keypoints.json) in the folder")
+    first = min(numbered)
+    points = np.zeros((max(numbered) - first + 1, sum(count for _, count in OPENPOSE_PARTS), 3), dtype=np.float32)
+    for number in range(first, max(numbered) + 1):
+        if number not in numbered:
+            note("missing frame numbers", f"frame {number}")
+            continue
+        try:
+            with open(os.path.join(folder, numbered[number]), "rb") as handle:
+                people = [np.concatenate([np.asarray(person.get(key) or [0.0] * 3 * count, dtype=np.float32)
+                                          .reshape(count, 3) for key, count in OPENPOSE_PARTS])
+                          for person in json.load(handle)["people"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            note("unreadable frame files", numbered[number])
+            continue
+        if not people:
+            note("frames with no person", numbered[number])
+            continue
+        points[number - first] = max(people, key=lambda person: person[:, 2].sum())
+    if not (points[..., 2] > 0).any():
+        raise ValueError(f"no person in any frame ({len(numbered)} frame files)")
+    bounds = np.cumsum([0] + [count for _, count in OPENPOSE_PARTS])
+    return {key: points[:, bounds[i]: bounds[i + 1]] for i, (key, _) in enumerate(OPENPOSE_PARTS)}, notes
+
+
+def read_pose_file(path):
+    """({component: (T, P, 3)}, notes) of a .pose file (pose-format): the most confident person of each frame."""
+    from pose_format import Pose
+    pose = Pose.read(Path(path).read_bytes())
+    data = np.ma.filled(pose.body.data, 0).astype(np.float32)            # (T, people, P, dims)
+    confidence = np.asarray(pose.body.confidence, dtype=np.float32)      # (T, people, P)
+    if data.shape[1] == 0 or not (confidence > 0).any():
+        raise ValueError(f"no person in any frame ({data.shape[0]} frames)")
+    best = confidence.sum(axis=-1).argmax(axis=1)
+    frames = np.arange(len(best))
+    points = np.concatenate([data[frames, best, :, :2], confidence[frames, best, :, None]], axis=-1)
+    empty = int((points[..., 2].max(axis=1) <= 0).sum())
+    parts, at = {}, 0
+    for component in pose.header.components:
+        parts[component.name] = points[:, at: at + len(component.points)]
+        at += len(component.points)
+    return parts, ({"frames with no person": [empty, f"{empty} of {len(points)} frames"]} if empty else {})
+
+
+def prepared_pose(path):
+    """(frames, notes, None) of a pose clip (a keypoint folder or a .pose file), or (None, {}, why it is unusable)."""
+    try:
+        parts, notes = (read_openpose_folder if os.path.isdir(path) else read_pose_file)(path)
+        return prepare_pose(parts), notes, None
+    except Exception as error:  # noqa: BLE001 - any read failure is reported, never raised
+        reason = first_line(error)[:120]
+        return None, {}, reason if reason.startswith("no ") else f"unreadable pose clip ({reason})"
+
+
+def prepared_pose_part(path, parts_dir):
+    """prepared_pose, kept in parts_dir until the store is built: a build killed half-way reads it back."""
+    info = os.stat(path)
+    key = json.dumps([os.path.abspath(path), info.st_size, info.st_mtime_ns, POSE_PREPARATION])
+    part = Path(parts_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with np.load(part, allow_pickle=False) as saved:
+            return saved["frames"], json.loads(str(saved["notes"])), None
+    frames, notes, error = prepared_pose(path)
+    if frames is not None:
+        with contextlib.suppress(OSError, UserError):
+            atomic_write(part, lambda handle: np.savez(handle, frames=frames, notes=np.array(json.dumps(notes))))
+    return frames, notes, error
+
+
+def read_pose_clips(paths, parts_dir, workers):
+    """prepared_pose_part of each path, in order; in `workers` processes when there are many (JSON is CPU work)."""
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    read = functools.partial(prepared_pose_part, parts_dir=parts_dir)
+    if workers < 2 or len(paths) < 64:
+        yield from map(read, paths)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield from pool.map(read, paths, chunksize=8)
+    finally:                                   # stopped early (an error, a kill): the clips not begun are dropped
+        pool.shutdown(cancel_futures=True)
+
 
 
 def feature_files(features_dir):
-    """{file name without extension: path} of the clip files in a folder and its subfolders (SSVP-SLT's
-    `<epoch>/<video_name[:5]>/<name>.pt` tree), one listing per folder (one call on Google Drive instead of
-    a lookup per clip); .npy wins over .pt of the same name. Pickle files are listed too, to be refused."""
+    """{clip id: path} of the clips in a folder and its subfolders (SSVP-SLT's `<epoch>/<video_name[:5]>/<name>.pt`
+    tree), one listing per folder (one call on Google Drive instead of a lookup per clip): feature files (.npy wins
+    over .pt of the same name), .pose files, and How2Sign's keypoint folders (a folder of OpenPose frame files is
+    one clip, its name the id). Pickle files are listed too, to be refused."""
     found = {}
     if not Path(features_dir).is_dir():
         raise UserError(f"features folder not found: {features_dir}")
-    for folder, _, names in os.walk(features_dir):
-        for name in names:
-            stem, suffix = os.path.splitext(name)
-            if suffix not in FEATURE_SUFFIXES + PICKLE_SUFFIXES:
+    for folder, subfolders, names in os.walk(features_dir):
+        if any(OPENPOSE_FRAME.search(name) for name in names):        # a keypoint folder: one clip
+            subfolders.clear()
+            entries = [(os.path.basename(folder), "/", Path(folder))]
+        else:
+            entries = [(*os.path.splitext(name), Path(folder) / name) for name in names]
+        for stem, suffix, path in entries:
+            if suffix not in FEATURE_SUFFIXES + (POSE_SUFFIX, "/") + PICKLE_SUFFIXES:
                 continue
-            path = Path(folder) / name
             if stem in found and found[stem].parent != path.parent:
                 raise UserError(f"clip '{stem}' is in two folders of {features_dir} ({found[stem].parent} and "
                                 f"{path.parent}): pass the folder of one extraction (SSVP-SLT: <root>/<epoch>)")
             if stem not in found or suffix == FEATURE_SUFFIXES[0]:
                 found[stem] = path
+    pose_files = [path for path in found.values() if path.suffix == POSE_SUFFIX]
+    if pose_files and importlib.util.find_spec("pose_format") is None:
+        raise UserError(f"{pose_files[0]}: .pose clips are read with the pose-format package: pip install pose-format")
     return found
 
 
@@ -700,6 +865,7 @@ class ClipScan:
     square_mean: torch.Tensor | None = None  # (D,) mean of squares, for the frame statistics
     frames: int | None = None             # its row in the FrameStore
     error: str | None = None
+    notes: dict | None = None             # a pose clip's frames of missing points and stray files (read_openpose_folder)
 
 
 FRAME_STORE_VERSION = 1
@@ -766,6 +932,7 @@ class FrameStore:
             stats = list(pool.map(stat, paths))
         payload = [FRAME_STORE_VERSION, bool(trim_zero_frames), fps,
                    [[os.path.abspath(path), info, spans_by_file[path]] for path, info in zip(paths, stats)]]
+        payload += [POSE_PREPARATION] if any(map(is_pose_clip, paths)) else []
         sizes = sum(info[0] for info in stats if info)
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest(), sizes
 
@@ -791,7 +958,7 @@ class FrameStore:
 
     def scans(self, spans_by_file):
         """The ClipScans of these files, as they were read when the store was built (no file opened)."""
-        index, grouped = self.index, []
+        index, grouped, notes = self.index, [], self.meta.get("notes", {})
         for path in spans_by_file:
             file_scans = self.meta["scans"][os.path.abspath(path)]
             group = []
@@ -802,7 +969,8 @@ class FrameStore:
                 d, at = int(index["dims"][entry]), int(index["stat_offsets"][entry])
                 group.append(ClipScan(torch.from_numpy(index["means"][at: at + d].copy()), int(index["firsts"][entry]),
                                       int(index["lengths"][entry]), d,
-                                      torch.from_numpy(index["square_means"][at: at + d].copy()), entry))
+                                      torch.from_numpy(index["square_means"][at: at + d].copy()), entry,
+                                      notes=notes.get(os.path.abspath(path))))
             grouped.append(group)
         for name in ("means", "square_means", "firsts", "stat_offsets"):     # in the dataset now: free them
             self.index.pop(name)
@@ -857,8 +1025,9 @@ class FrameStoreBuilder:
                      square_means=np.concatenate([r[5].numpy() for r in rows]) if rows else empty)
             scans = {os.path.abspath(path): [scan.frames if scan.error is None else scan.error for scan in group]
                      for path, group in zip(spans_by_file, scanned)}
+            notes = {os.path.abspath(path): group[0].notes for path, group in zip(spans_by_file, scanned) if group[0].notes}
             (self.tmp / "meta.json").write_text(json.dumps({"version": FRAME_STORE_VERSION, "clips": len(rows),
-                                                            "scans": scans}))
+                                                            "scans": scans, "notes": notes}))
             os.replace(self.tmp, self.folder)
         except OSError as error:
             self.abandon()
@@ -871,14 +1040,19 @@ class FrameStoreBuilder:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def scan_files(spans_by_file, trim_zero_frames, fps, keep, io_threads=8, progress=False, split="data"):
-    """Read every feature file once, in parallel (Google Drive is latency bound): a list of ClipScans per file."""
-    def read(item):
-        return scan_file(item[0], item[1], trim_zero_frames, fps, keep)
+def scan_files(spans_by_file, trim_zero_frames, fps, keep, io_threads=8, progress=False, split="data", parts_dir=None):
+    """Read every clip once, in parallel (Google Drive is latency bound; pose clips in processes, JSON is CPU work):
+    a list of ClipScans per file."""
+    def read(item, pose=None):
+        return scan_file(item[0], item[1], trim_zero_frames, fps, keep, pose)
 
+    bar = dict(total=len(spans_by_file), desc=f"reading {split} clips", disable=not progress, leave=False)
+    poses = [path for path in spans_by_file if is_pose_clip(path)]
+    if poses:
+        prepared = read_pose_clips(poses, parts_dir, min(io_threads, os.cpu_count() or 1))
+        return [read(item, next(prepared) if is_pose_clip(item[0]) else None) for item in tqdm(spans_by_file.items(), **bar)]
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
-        return list(tqdm(pool.map(read, spans_by_file.items()), total=len(spans_by_file),
-                         desc=f"reading {split} files", disable=not progress, leave=False))
+        return list(tqdm(pool.map(read, spans_by_file.items()), **bar))
 
 
 def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=8, progress=False, split="data"):
@@ -906,8 +1080,10 @@ def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=
         started = time.time()
         builder = FrameStoreBuilder(folder, needed)
         try:
-            scanned = scan_files(spans_by_file, trim_zero_frames, fps, builder.keep, io_threads, progress, split)
+            scanned = scan_files(spans_by_file, trim_zero_frames, fps, builder.keep, io_threads, progress, split,
+                                 Path(cache_dir) / "poses")
             store = builder.finish(spans_by_file, scanned)
+            shutil.rmtree(Path(cache_dir) / "poses", ignore_errors=True)    # every clip is in the store now
         except BaseException:
             builder.abandon()
             raise
@@ -916,21 +1092,23 @@ def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=
         return store.scans(spans_by_file), store        # as a later run will see them
 
 
-def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):
-    """Read a feature file once: one ClipScan per span ((start, end) seconds; None = the whole file).
-    `keep(frames, mean, first, square_mean)` (a FrameStoreBuilder's) stores the frames."""
+def scan_file(path, spans, trim_zero_frames, fps=None, keep=None, pose=None):
+    """Read a clip file once: one ClipScan per span ((start, end) seconds; None = the whole file). `pose`: a pose
+    clip's prepared_pose. `keep(frames, mean, first, square_mean)` (a FrameStoreBuilder's) stores the frames."""
     def failed(reason):
         return [ClipScan(error=reason) for _ in spans]
 
-    if path is None or not Path(path).is_file():
+    if path is None or not os.path.exists(path):
         return failed(f"missing feature file ({path})")
+    if pose is not None and pose[2]:
+        return failed(pose[2])
     try:
-        features = load_clip_features(path)
+        features = torch.from_numpy(pose[0]) if pose is not None else load_clip_features(path)
     except Exception as error:  # noqa: BLE001 - any read failure is reported, never raised
         return failed(f"unreadable feature file ({first_line(error)[:120]})")
     if features.numel() and not torch.isfinite(features).all():
         return failed("clip has NaN/Inf values")
-    total = valid_length(features) if trim_zero_frames else features.shape[0]
+    total = valid_length(features) if trim_zero_frames and pose is None else features.shape[0]
     if total == 0 or features.shape[1] == 0:
         return failed("empty clip (no frames)")
     scans = []
@@ -957,7 +1135,7 @@ def scan_file(path, spans, trim_zero_frames, fps=None, keep=None):
         frames = features[first:stop].double()
         mean, square_mean = frames.mean(dim=0).float(), frames.pow(2).mean(dim=0).float()
         scans.append(ClipScan(mean, first, stop - first, features.shape[1], square_mean,
-                              keep(features[first:stop], mean, first, square_mean)))
+                              keep(features[first:stop], mean, first, square_mean), notes=pose and pose[1]))
     return scans
 
 
@@ -984,7 +1162,7 @@ class How2SignDataset(Dataset):
     """
 
     def __init__(self, manifest, features_dir=None, max_samples=None, *, feature_dim=None, split="data",
-                 strict=False, return_frames=None, trim_zero_frames=True, require_text=True,
+                 return_frames=None, trim_zero_frames=True, require_text=True,
                  feature_fps=None, cache_dir=None, io_threads=8, progress=False):
         if manifest is not None and Path(manifest).is_dir() and (features_dir is None or Path(features_dir).is_file()):
             manifest, features_dir = features_dir, manifest   # the original (features_dir, manifest_path)
@@ -1017,7 +1195,11 @@ class How2SignDataset(Dataset):
         means, lengths = [], []
         frame_sum = frame_square_sum = 0
         self.clamped = 0       # spans whose end runs past their file's frames (How2Sign's realigned times do)
+        self.pose_notes = {}   # kind: [count, clips, first example] (read_openpose_folder's notes)
         for row, path, scan in results:
+            for kind, (count, example) in (scan.notes or {}).items():
+                entry = self.pose_notes.setdefault(kind, [0, 0, f"{row.id}: {example}"])
+                entry[0], entry[1] = entry[0] + count, entry[1] + 1
             if not scan.error and scan.dim != self.feature_dim:
                 scan.error = f"wrong feature dimension ({scan.dim}, expected {self.feature_dim})"
             if scan.error:
@@ -1035,12 +1217,12 @@ class How2SignDataset(Dataset):
             frame_square_sum = frame_square_sum + scan.square_mean.double() * scan.length
         if feature_dim and self.dim_counts and feature_dim not in self.dim_counts:
             dims = "/".join(str(d) for d in sorted(self.dim_counts))
+            if any(map(is_pose_clip, files)):
+                raise UserError(f"{split}: the clips are poses ({dims} values per frame once prepared) and the model "
+                                f"reads {feature_dim}-d features: a sentence encoder trained on other features does not "
+                                "fit poses; train from the poses alone with --sonar_checkpoint none")
             raise UserError(f"{split}: the clips are {dims}-d but {feature_dim}-d features are expected (the "
                             "encoder's input): use the features the model was trained on")
-        if strict and self.skipped:
-            clip_id, reason = self.skipped[0]
-            raise UserError(f"{split}: {len(self.skipped)} unusable rows/clips (--strict), first: "
-                            f"{clip_id}: {reason}")
         if not self.ids:
             raise UserError(f"{split}: no usable clips in {manifest or features_dir} ({len(self.skipped)} skipped"
                             + (f": {self.skip_summary_kinds()}" if self.skipped else "") + "). "
@@ -1069,9 +1251,18 @@ class How2SignDataset(Dataset):
         return len(self.ids)
 
     def reading(self):
-        """How the split was read, for --check and the log: its layout, and the spans cut at their file's end."""
-        return [f"read as {self.layout}"] + ([f"{self.clamped} spans end past their video's features (How2Sign's "
-                                              "realigned times can): cut at the file's end"] if self.clamped else [])
+        """How the split was read, for --check and the log: its layout, the pose clips and what they lacked, and
+        the spans cut at their file's end."""
+        lines = [f"read as {self.layout}"]
+        kinds = Counter("How2Sign keypoint folders" if os.path.isdir(path) else ".pose files"
+                        for path in self.paths if is_pose_clip(path))
+        if kinds:
+            lines.append(f"clips: {', '.join(f'{n} {kind}' for kind, n in kinds.items())}, prepared into "
+                         f"{self.feature_dim // 3} points x (x, y, confidence): {POSE_PREPARATION}")
+        lines += [f"{count} {kind} in {clips} clips, first {example}: " + ("ignored" if kind == "stray files" else
+                  "kept as frames of missing points") for kind, (count, clips, example) in self.pose_notes.items()]
+        return lines + ([f"{self.clamped} spans end past their video's features (How2Sign's realigned times can): cut "
+                         "at the file's end"] if self.clamped else [])
 
     def fingerprint(self):
         """sha256 of the split as used (after skips): its samples' ids, texts and spans, sorted by id."""
@@ -1275,11 +1466,11 @@ class FrameEncoder(nn.Module):
     """Frames standardised per dimension with training-set statistics, then temporal striding: a window
     of `kernel` consecutive frames, every `stride` frames, projected into one token (a linear map of the
     stacked frames, i.e. a 1-D convolution: order within the window is kept), with positions.
-    stride 1, kernel 1: one token per frame. `center`: each clip's own mean frame is subtracted first."""
+    stride 1, kernel 1: one token per frame."""
 
-    def __init__(self, frame_dim, d_model, stride=1, kernel=None, center=False):
+    def __init__(self, frame_dim, d_model, stride=1, kernel=None):
         super().__init__()
-        self.stride, self.kernel, self.center = stride, kernel or stride, center
+        self.stride, self.kernel = stride, kernel or stride
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
@@ -1290,8 +1481,6 @@ class FrameEncoder(nn.Module):
         frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
         batch, length, dim = frames.shape
         valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
-        if self.center:   # a signer's position and an extractor's per-clip shift, removed
-            frames = frames - (frames * valid[..., None]).sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None, None]
         frames = frames * valid[..., None]                           # padding is 0 inside the last window too
         steps = -(-length // self.stride)                            # windows start at 0, s, 2s, ... < T
         frames = F.pad(frames, (0, 0, 0, (steps - 1) * self.stride + self.kernel - length))
@@ -1359,8 +1548,7 @@ class Bridge(nn.Module):
         self.register_buffer("embedding_mean", torch.zeros(embed_dim))
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self.expander = nn.Parameter(torch.randn(config.num_queries, d_model))   # the learnable queries
-        self.frame_encoder = (FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel,
-                                           config.frame_centering)
+        self.frame_encoder = (FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel)
                               if config.frame_attention else None)
         self.frame_memory = None             # FrameMemory on the cross_attention route (make_bridge)
         self.output_norm = nn.LayerNorm(d_model) if config.bridge_layernorm else nn.Identity()
@@ -2125,7 +2313,7 @@ def saved_config(state_dict, origin="this checkpoint"):
     if retired:
         raise UserError(f"{origin}: trained with {retired[0]}, which this version no longer has: {retired[1]}; "
                         "retrain with this version")
-    return ModelConfig.from_dict({"frame_centering": False, **extra["config"]})   # saved before it existed: off
+    return ModelConfig.from_dict(extra["config"])
 
 
 def check_model_checkpoint(checkpoint, path, keys=()):
@@ -2583,10 +2771,10 @@ def length_sorted_batches(dataset, indices, batch_size):
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def clip_batches(dataset, batches, num_workers=0, device=None):
+def clip_batches(dataset, batches, device=None):
     """A DataLoader over fixed batches of indices, dynamically padded. Its own generator keeps it from
     drawing on the global RNG, so a resumed run's dropout matches an uninterrupted one's."""
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_clips,
                       pin_memory=device is not None and device.type == "cuda", generator=torch.Generator())
 
 
@@ -2651,7 +2839,7 @@ def bridge_learning_rate(args):
 def load_split(args, split, manifest, features, feature_dim, return_frames=True, require_text=True, progress=True):
     """How2SignDataset of one split as the flags ask (the one place training, --check and --predict build one)."""
     return How2SignDataset(manifest, features, feature_dim=feature_dim, split=split, return_frames=return_frames,
-                           require_text=require_text, strict=args.strict, trim_zero_frames=args.trim_zero_frames,
+                           require_text=require_text, trim_zero_frames=args.trim_zero_frames,
                            feature_fps=args.feature_fps, max_samples=args.max_samples, cache_dir=args.cache_dir,
                            progress=progress)
 
@@ -2727,25 +2915,6 @@ def improves(record, best, metric, threshold=0.0):
     if metric == "loss":
         return record["val_loss"] < best["val_loss"] - threshold
     return record[f"val_{metric}"] > best[f"val_{metric}"] + threshold
-
-
-def bleurt_score(predictions, references, checkpoint, device, batch_size=32):
-    """Mean BLEURT (the bleurt-pytorch port of Google's metric) of predictions against references."""
-    from bleurt_pytorch import BleurtForSequenceClassification, BleurtTokenizer
-
-    try:
-        tokenizer = BleurtTokenizer.from_pretrained(checkpoint)
-        model = BleurtForSequenceClassification.from_pretrained(checkpoint).to(device).eval()
-    except (OSError, ValueError) as error:
-        raise UserError(f"--bleurt {checkpoint}: cannot load it ({first_line(error)}); pass a BLEURT-PyTorch "
-                        "checkpoint (hub name or folder), e.g. lucadiliello/BLEURT-20-D12") from None
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(predictions), batch_size):
-            inputs = tokenizer(references[i: i + batch_size], predictions[i: i + batch_size], padding="longest",
-                               truncation=True, max_length=512, return_tensors="pt").to(device)
-            scores += model(**inputs).logits.flatten().tolist()
-    return sum(scores) / max(len(scores), 1)
 
 
 @dataclass
@@ -2942,14 +3111,14 @@ class Trainer:
     def epoch_batches(self, epoch):
         """This process's training batches of `epoch` (indices), grouped by clip length when frames are read."""
         args = self.args
-        grouped = args.group_by_length and self.config.frame_attention
+        grouped = self.config.frame_attention       # batches of clips of similar length: less padding
         return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world,
                              self.train_set.lengths if grouped else None)
 
     def train_epoch(self, epoch):
         args, state = self.args, self.state
         batches = self.epoch_batches(epoch)
-        loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], args.num_workers, self.device)
+        loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], self.device)
         self.model.train()
         bad_in_row = 0
         loss_sum = torch.tensor(state.loss_sum, device=self.device)
@@ -3036,7 +3205,7 @@ class Trainer:
         dataset = dataset or self.val_set
         indices = self.eval_indices(full) if dataset is self.val_set else list(range(len(dataset)))
         batches = length_sorted_batches(dataset, indices[self.world.rank:: self.world.size], self.args.eval_batch_size)
-        part = translate(self.raw_model, clip_batches(dataset, batches, self.args.num_workers),
+        part = translate(self.raw_model, clip_batches(dataset, batches),
                          generation_kwargs(self.decoding), self.precision, progress=self.world.is_main)
         gathered = self.world.gather(part)
         by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
@@ -3116,25 +3285,17 @@ class Trainer:
         test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
         if test:
             results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
-        if self.args.bleurt:
-            for split, scored in (("val", predictions), ("test", test[0] if test else None)):
-                if scored is not None:
-                    results[f"{split}_bleurt"] = bleurt_score([p.prediction for p in scored], [p.reference for p in scored],
-                                                              self.args.bleurt, self.device, self.args.eval_batch_size)
         if self.world.is_main:
             write_best_predictions(self.out, predictions)
             if test:
                 write_predictions_tsv(self.out / "test_predictions.tsv", test[0])
                 logger.info(f"Test split (scored once, with the best model of epoch {results['best_epoch']}): "
-                            f"{describe_scores(test[2])}" + (f" | BLEURT {results['test_bleurt']:.4f}"
-                                                             if "test_bleurt" in results else ""))
+                            f"{describe_scores(test[2])}")
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2) + "\n")
             self.raw_model.decoder.export(self.out / "t5_export", weights=True)
             logger.info(f"Best epoch {results['best_epoch']}: {describe_scores(scores)} | distinct "
                         f"{results['distinct_share']:.0%} | {scores['signature']}"
                         + (f" | ROUGE-L: {ROUGE_SIGNATURE}" if scores["rouge_l"] is not None else ""))
-            if "val_bleurt" in results:
-                logger.info(f"  BLEURT {results['val_bleurt']:.4f} ({self.args.bleurt})")
             logger.info(f"Wrote {best_path}, best_predictions.tsv/.txt, results.json, metrics.jsonl, "
                         f"training_log.json and t5_export/ in {self.out}")
             if self.reporter:
@@ -3152,8 +3313,7 @@ class Trainer:
             return None
         settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
         indices = list(range(len(self.val_set)))[self.world.rank:: self.world.size]
-        batches = clip_batches(self.val_set, length_sorted_batches(self.val_set, indices, self.args.eval_batch_size),
-                               self.args.num_workers)
+        batches = clip_batches(self.val_set, length_sorted_batches(self.val_set, indices, self.args.eval_batch_size))
         parts = self.world.gather(sweep_translations(self.raw_model, batches, self.decoding, settings, self.precision))
         outputs = [sorted({p.index: p for part in parts for p in part[k]}.values(), key=lambda p: p.index)
                    for k in range(len(settings))]
@@ -3388,9 +3548,9 @@ def run_predict(args, given):
     report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
     if args.sweep:
-        return run_sweep(model, clip_batches(dataset, batches, args.num_workers), decoding, parse_sweep(args.sweep),
+        return run_sweep(model, clip_batches(dataset, batches), decoding, parse_sweep(args.sweep),
                          precision, checkpoint.parent / "sweep.json")
-    predictions, _, _ = translate(model, clip_batches(dataset, batches, args.num_workers), generation_kwargs(decoding),
+    predictions, _, _ = translate(model, clip_batches(dataset, batches), generation_kwargs(decoding),
                                   precision, with_loss=False, progress=True)
     predictions.sort(key=lambda p: p.index)
     out = Path(args.predictions_file or checkpoint.parent / "predictions.tsv")
@@ -3720,7 +3880,8 @@ def build_parser():
                    type=lambda value: None if value.lower() == "none" else value,
                    help="fine-tuned encoder checkpoint (state dict; encoder_/model_state_dict; 'encoder.' prefix ok), "
                         "or 'none': frames alone, no sentence encoder (a summary learned from the frames takes its place)")
-    g.add_argument("--train_features", default="features/train", help="folder of <id>.npy / <id>.pt clips")
+    g.add_argument("--train_features", default="features/train",
+                   help="folder of clips: <id>.npy / <id>.pt features, <id>.pose files or How2Sign's keypoint folders")
     g.add_argument("--train_manifest", default="manifests/train.tsv",
                    help="TSV (id, duration, text), How2Sign CSV, JSON or JSONL")
     g.add_argument("--val_features", default="features/val", help="folder of validation clips")
@@ -3767,8 +3928,6 @@ def build_parser():
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the training loss")
-    g.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
-                   help="with frames: training batches of clips of similar length (less padding, faster steps)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     g.add_argument("--max_target_length", type=int, default=128, help="target tokens kept per sentence")
     g.add_argument("--seed", type=int, default=42, help="random seed")
@@ -3777,7 +3936,6 @@ def build_parser():
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on GPUs that run it natively (compute capability 8.0+: A100, L4, H100), else "
                         "fp32 (a T4 only emulates bf16, slower than fp32); fp16 uses a GradScaler (T5 overflows in it)")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (help with --frame_attention)")
     g.add_argument("--trim_zero_frames", action=argparse.BooleanOptionalAction, default=True,
                    help="drop all-zero frames padded at the end of clip files before the mean")
 
@@ -3807,9 +3965,6 @@ def build_parser():
                    help="what picks best_model.pt and counts for --patience (a tie is no improvement)")
     g.add_argument("--early_stopping_threshold", type=float, default=0.0,
                    help="an evaluation improves on the best only by more than this (BLEU / chrF points, or loss)")
-    g.add_argument("--bleurt", default=None, metavar="CHECKPOINT",
-                   help="also score the best model with BLEURT (needs the bleurt-pytorch package), e.g. "
-                        "lucadiliello/BLEURT-20-D12")
     g.add_argument("--report_to", nargs="+", choices=("tensorboard", "mlflow", "none"),
                    default=["tensorboard"],
                    help="experiment trackers (Hugging Face Trainer's convention): params once, metrics per "
@@ -3823,7 +3978,6 @@ def build_parser():
                         "(best_model.pt), e.g. pretrained on a large set, then fine-tuned here; the flags that shape "
                         "the model come from it")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N steps")
-    g.add_argument("--strict", action="store_true", help="stop on any unusable clip instead of skipping it")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop after this many non-finite steps in a row")
 
@@ -3872,7 +4026,7 @@ RULES = {"at least 1": lambda v: v >= 1, "0 or more": lambda v: v >= 0, "positiv
 FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
-    **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "num_workers", "patience",
+    **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "patience",
                      "no_repeat_ngram_size", "early_stopping_threshold"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),
@@ -3901,9 +4055,6 @@ def validate_args(args):
     if not args.check and not args.predict and not args.compare:
         explicit = [name for name in dict.fromkeys(args.report_to) if name in REPORT_BACKENDS]
         problems += [message for message in map(backend_missing, explicit) if message]
-        if args.bleurt and importlib.util.find_spec("bleurt_pytorch") is None:
-            problems.append("--bleurt needs the bleurt-pytorch package: pip install "
-                            "git+https://github.com/lucadiliello/bleurt-pytorch.git (or leave out --bleurt)")
     try:
         resolve_device(args.device)
     except UserError as error:

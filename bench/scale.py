@@ -4,6 +4,7 @@
     python bench/scale.py --clips 3000             # a quick run
     python bench/scale.py --read_delay_ms 20       # each clip read (and stat) delayed, as on Google Drive
     python bench/scale.py --layout tarres          # Tarres et al.'s release: 31,000 x (100-700, 1024), no encoder
+    python bench/scale.py --layout keypoints --read_delay_ms 0 --steps 50   # How2Sign's OpenPose keypoint folders
 
 Builds, once under --root, a How2Sign-sized training set: --clips clips of SignHiera-shaped features
 (768-d, 100-150 frames each, float32 .npy files), a 64-clip validation set, the users' encoder (768 ->
@@ -14,7 +15,11 @@ alone (--sonar_checkpoint none): its users have no sentence encoder. Its 31,000 
 files would be 51 GB, which with their 25 GB fp16 store does not fit a 64 GB disk, so --distinct_files
 files are written and the others are hard links to them (each clip keeps its own name, manifest row and
 store entry; the cold run's reads of a linked file come from the page cache, so its start-up is a lower
-bound; warm runs read no clip file). Then trains with the default flags, each run for one epoch (or
+bound; warm runs read no clip file). --layout keypoints lays the clips out as How2Sign's 2D keypoint release
+unpacks (`<split>/openpose_output/json/<SENTENCE_NAME>/<SENTENCE_NAME>_<12-digit frame>_keypoints.json`, one
+OpenPose JSON of 137 points per frame, 100-200 frames a clip: ~4.7 million files for 31,000 clips; manifests
+how2sign_realigned_<split>.csv) and trains on the poses alone; its cold run reads every JSON file into the store
+(in processes; --read_delay_ms does not apply: unpack the release on local disk). Then trains with the default flags, each run for one epoch (or
 --steps optimizer steps), in fresh processes:
   cold          no frame store yet: every clip file read (with the delay) and written into the store
   warm          a second run on the same data (another --output_dir): the store is opened, no clip read
@@ -44,13 +49,56 @@ sys.path.insert(0, str(ROOT))
 LAYOUTS = {   # layout -> (feature width, frames per clip (min, max), distinct files by default)
     "ours": (768, (100, 150), 0),
     "tarres": (1024, (100, 700), 1000),
+    "keypoints": (231, (100, 200), 0),         # 231: the prepared width (77 points x, y, confidence)
 }
+CSV_HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE"
 TARRES_HEADER = ("id\tsigns_file\tsigns_offset\tsigns_length\tsigns_type\tsigns_lang\ttranslation\t"
                  "translation_lang\tglosses\ttopic\tsigner_id")
 
 
 def manifest_path(root, layout, split):
-    return root / (f"cvpr23.fairseq.i3d.{split}.how2sign.tsv" if layout == "tarres" else f"{split}.tsv")
+    return root / {"tarres": f"cvpr23.fairseq.i3d.{split}.how2sign.tsv",
+                   "keypoints": f"how2sign_realigned_{split}.csv"}.get(layout, f"{split}.tsv")
+
+
+def write_keypoint_clips(job):
+    """One worker's share of keypoint folders, (folder, name, frames, seed) each: one OpenPose JSON per frame."""
+    import numpy as np
+
+    for folder, name, frames, seed in job:
+        rng = np.random.default_rng(seed)
+        clip = Path(folder) / name
+        clip.mkdir(parents=True, exist_ok=True)
+        base = rng.uniform(200, 900, (137, 2))
+        drift = np.cumsum(rng.normal(0, 2.0, (8, 137, 2)), axis=0)
+        points = np.concatenate([base + drift, rng.uniform(0.3, 0.95, (8, 137, 1))], -1).reshape(8, -1)
+        bounds = (0, 75, 285, 348, 411)
+        texts = []        # 8 poses a clip, cycled: the files' size and parsing are real, writing them is fast
+        for frame in points:
+            values = ["[" + ",".join(f"{v:.3f}" for v in frame[a:b]) + "]" for a, b in zip(bounds, bounds[1:])]
+            texts.append('{"version":1.3,"people":[{"person_id":[-1],"pose_keypoints_2d":%s,"face_keypoints_2d":%s,'
+                         '"hand_left_keypoints_2d":%s,"hand_right_keypoints_2d":%s,"pose_keypoints_3d":[],'
+                         '"face_keypoints_3d":[],"hand_left_keypoints_3d":[],"hand_right_keypoints_3d":[]}]}'
+                         % tuple(values))
+        for number in range(frames):
+            (clip / f"{name}_{number:012d}_keypoints.json").write_text(texts[number % 8])
+
+
+def make_keypoints(root, clips, sentences, rng, workers=2):
+    """How2Sign's keypoint layout and realigned CSVs for `clips` training and 64 validation clips."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
+    for split, (first, count) in {"train": (0, clips), "val": (clips, 64)}.items():
+        folder = root / "features" / split / "openpose_output" / "json"
+        lines = [CSV_HEADER]
+        for i in range(first, first + count):
+            name, frames = f"clip{i:06d}_0-1-rgb_front", int(rng.integers(100, 201))
+            jobs.append((str(folder), name, frames, i))
+            lines.append(f"clip{i:06d}\tclip{i:06d}_0-1\t{name}\t{name}\t0.0\t{frames / 24:.2f}\t{sentences[i]}")
+        manifest_path(root, "keypoints", split).write_text("\n".join(lines) + "\n")
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(write_keypoint_clips, [jobs[k::workers * 50] for k in range(workers * 50)]))
 
 
 def make_data(root, clips, layout="ours", distinct=0, seed=0):
@@ -69,6 +117,12 @@ def make_data(root, clips, layout="ours", distinct=0, seed=0):
     rng = np.random.default_rng(seed)
     sentences = tsw.demo_sentences(clips + 64, rng)
     written = []                                  # (path, frames) of the distinct files
+    if layout == "keypoints":
+        root.mkdir(parents=True)
+        make_keypoints(root, clips, sentences, rng)
+        tsw.build_tiny_t5(tsw.build_tokenizer(sentences), root / "t5")
+        ready.write_text(json.dumps(wanted))
+        return
     for split, (first, count) in {"train": (0, clips), "val": (clips, 64)}.items():
         folder = root / "features" / split
         folder.mkdir(parents=True)
@@ -115,7 +169,7 @@ def child(args):
 
         tsw.load_clip_features, os.stat = slow_load, slow_stat
     root = Path(args.root)
-    argv = ["--sonar_checkpoint", "none" if args.layout == "tarres" else str(root / "encoder.pt"),
+    argv = ["--sonar_checkpoint", "none" if args.layout in ("tarres", "keypoints") else str(root / "encoder.pt"),
             "--train_features", str(root / "features/train"), "--train_manifest", str(manifest_path(root, args.layout, "train")),
             "--val_features", str(root / "features/val"), "--val_manifest", str(manifest_path(root, args.layout, "val")),
             "--t5_model", str(root / "t5"), "--output_dir", args.out,
@@ -203,7 +257,7 @@ def main():
     parser.add_argument("--clips", type=int, default=31000, help="training clips (How2Sign train: ~31k)")
     parser.add_argument("--layout", default="ours", choices=list(LAYOUTS),
                         help="ours: (100-150, 768) clips and the users' encoder; tarres: Tarres et al.'s release, "
-                             "(100-700, 1024) clips, frames alone")
+                             "(100-700, 1024) clips, frames alone; keypoints: How2Sign's OpenPose folders, poses alone")
     parser.add_argument("--distinct_files", type=int, default=None,
                         help="distinct clip files, the others hard links to them (default: 1000 for tarres, all for ours)")
     parser.add_argument("--root", default=None, help="data, store and runs go here (default: bench/results/scale[_tarres])")
@@ -218,7 +272,7 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args)
-    args.root = args.root or ("bench/results/scale" + ("_tarres" if args.layout == "tarres" else ""))
+    args.root = args.root or ("bench/results/scale" + ("" if args.layout == "ours" else f"_{args.layout}"))
     distinct = LAYOUTS[args.layout][2] if args.distinct_files is None else args.distinct_files
     root = Path(args.root)
     started = time.time()
@@ -231,11 +285,11 @@ def main():
         shutil.rmtree(root / "cache", ignore_errors=True)      # cold: no store
     results = {name: run(args, name, *runs[name]) for name in runs if name in chosen}
     store = sum(f.stat().st_size for f in (root / "cache").rglob("frames.f16"))
-    files = sum(f.stat().st_size for f in (root / "features").rglob("*.npy"))    # hard links counted each time
+    files = sum(f.stat().st_size for f in (root / "features").rglob("*.npy" if args.layout != "keypoints" else "*.json"))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
     dim, (shortest, longest), _ = LAYOUTS[args.layout]
     print(f"\n{args.clips} clips, layout {args.layout} ({dim}-d, {shortest}-{longest} frames; {files / 2 ** 30:.1f} GB "
-          f"of .npy{f', {distinct} distinct files' if distinct else ''}; frame store {store / 2 ** 30:.1f} GB), reads "
+          f"of {'JSON' if args.layout == 'keypoints' else '.npy'}{f', {distinct} distinct files' if distinct else ''}; frame store {store / 2 ** 30:.1f} GB), reads "
           f"+{args.read_delay_ms:g} ms; {machine}; data built in {data_s:.0f} s")
     print("| run | start-up to first step (s) | samples/s | used memory (GB, PSS) |")
     print("|---|---|---|---|")

@@ -233,6 +233,11 @@ def test_checkpoints_of_an_earlier_version_are_refused_in_one_line(project, tmp_
     (["--no-frame_store"], "--no-frame_store was retired: clips are always read once into the frame store"),
     (["--frame_cache_gb", "2"], "--frame_cache_gb was retired: clips are always read once into the frame store"),
     (["--bridge_lr_scale", "10"], "--bridge_lr_scale was retired: set the bridge's rate itself with --bridge_learning_rate"),
+    (["--frame_centering"], "--frame_centering was retired: it lost on bench/quality.py"),
+    (["--strict"], "--strict was retired: --max_skip_share 0 stops before training on any unusable row or clip"),
+    (["--num_workers", "2"], "--num_workers was retired: items come from the memory-mapped frame store"),
+    (["--no-group_by_length"], "--no-group_by_length was retired: training batches are always of clips of similar length"),
+    (["--bleurt", "lucadiliello/BLEURT-20-D12"], "--bleurt was retired: it was never measured or tested here"),
 ])
 def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, flags, says):
     assert tsw.main(quick_flags(project, project / "run", "--epochs", "1", *flags)) == 2
@@ -240,7 +245,8 @@ def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, fla
     assert not (project / "run" / "train.log").exists()           # refused before anything starts
 
 
-@pytest.mark.parametrize("option, value", [("bridge", "memory"), ("bridge", "prefix"), ("frame_summary", "mean")])
+@pytest.mark.parametrize("option, value", [("bridge", "memory"), ("bridge", "prefix"), ("frame_summary", "mean"),
+                                           ("frame_centering", True)])
 def test_a_checkpoint_of_a_retired_option_is_refused_in_one_line(project, capsys, option, value):
     out = project / "run"
     assert tsw.main(quick_flags(project, out, "--epochs", "1")) == 0

@@ -204,21 +204,3 @@ def test_training_batches_group_clips_of_similar_length():
                                lengths) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1])
     assert sorted(i for batches in ranks for b in batches for i in b) == list(range(1000))
-
-
-def test_frame_centering_removes_a_per_clip_shift_and_old_configurations_read_it_as_off(project_template):
-    """--frame_centering: a clip shifted by a constant frame (a signer's position) gives the same frame tokens,
-    padding left out of its mean; without it the tokens move. A state dict saved before the option existed
-    rebuilds without it."""
-    torch.manual_seed(0)
-    frames, lengths = torch.randn(2, 9, 6), torch.tensor([9, 5])
-    frames[1, 5:] = 0
-    shifted = frames + torch.randn(1, 1, 6) * (torch.arange(9)[None, :, None] < lengths[:, None, None])
-    for center in (True, False):
-        encoder = tsw.FrameEncoder(6, 16, stride=2, kernel=4, center=center)
-        same = torch.allclose(encoder(frames, lengths)[0], encoder(shifted, lengths)[0], atol=1e-5)
-        assert same == center
-    model = tsw.SONARwithT5(project_template["encoder"], project_template["t5"], device="cpu", frame_centering=True)
-    state = model.state_dict()
-    del state["_extra_state"]["config"]["frame_centering"]                  # as saved before the option existed
-    assert tsw.saved_config(state).frame_centering is False

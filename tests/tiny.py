@@ -106,3 +106,44 @@ def make_video_project(root, num_train=2200, num_val=200, feature_dim=256, seed=
         write_video_layout(root, split, [info["clips"][i] for i in indices], [info["sentences"][i] for i in indices],
                            rng, info["rest_frame"])
     return info
+
+
+def skeleton_frames(rng, frames, offset=(640.0, 300.0), scale=200.0):
+    """(T, 137, 3) OpenPose points of one person in pixels (x, y, confidence): a body with shoulders one `scale`
+    apart around `offset`, a face and two hands that move a little every frame."""
+    base = np.concatenate([rng.uniform(-1.0, 1.0, (25, 2)), rng.uniform(-0.3, 0.3, (70, 2)) + [0, -0.7],
+                           rng.uniform(-0.2, 0.2, (42, 2)) + [0, 0.8]])
+    base[5], base[2] = [0.5, 0.0], [-0.5, 0.0]                                  # left and right shoulder
+    drift = np.cumsum(rng.normal(0, 0.05, (frames, 137, 2)), axis=0)
+    points = np.concatenate([(base + drift) * scale + offset, rng.uniform(0.5, 0.95, (frames, 137, 1))], -1)
+    return np.round(points, 3).astype(np.float32)
+
+
+def write_openpose_clip(folder, people_by_frame, numbers=None):
+    """How2Sign's keypoint folder of one clip: `<name>_<12-digit frame>_keypoints.json` per frame, each holding
+    its people (a list of (137, 3) arrays; an empty list: nobody found), as OpenPose's --write_json does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = range(len(people_by_frame)) if numbers is None else numbers
+    bounds = np.cumsum([0] + [count for _, count in tsw.OPENPOSE_PARTS])
+    for number, people in zip(numbers, people_by_frame):
+        record = {"version": 1.3, "people": [
+            {"person_id": [-1], **{key: person[bounds[i]: bounds[i + 1]].reshape(-1).tolist()
+                                   for i, (key, _) in enumerate(tsw.OPENPOSE_PARTS)}} for person in people]}
+        (folder / f"{folder.name}_{number:012d}_keypoints.json").write_text(json.dumps(record))
+
+
+def write_pose_file(path, people, components=None):
+    """A .pose file (pose-format) of (T, people, 137, 3) points, OpenPose's components unless others are given
+    ([(name, points)])."""
+    from pose_format import Pose
+    from pose_format.numpy import NumPyPoseBody
+    from pose_format.pose_header import PoseHeader, PoseHeaderComponent, PoseHeaderDimensions
+    from pose_format.utils.openpose import OpenPose_Components
+
+    header_components = OpenPose_Components if components is None else [
+        PoseHeaderComponent(name, [f"p{i}" for i in range(count)], [], [(0, 0, 0)], "XYC") for name, count in components]
+    header = PoseHeader(0.1, PoseHeaderDimensions(1280, 720, 0), header_components)
+    body = NumPyPoseBody(25, people[..., :2].astype(np.float32), people[..., 2].astype(np.float32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        Pose(header, body).write(handle)
