@@ -164,7 +164,7 @@ def test_beam_search_keeps_cross_attention_in_place_and_decodes_the_same(overfit
     batch = tsw.collate_clips([{k: v for k, v in dataset[i].items() if k != "labels"} for i in range(12)])
     ours = model.generate(batch, num_beams=4, max_new_tokens=32, length_penalty=1.5)
     library = model.generate(batch, num_beams=4, max_new_tokens=32, length_penalty=1.5,
-                             past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                             **{tsw.cache_kwarg(): EncoderDecoderCache(DynamicCache(), DynamicCache())})
     assert ours == library and len(set(ours)) >= 6                       # whole sentences, not one repeated
 
 
