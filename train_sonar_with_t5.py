@@ -650,9 +650,10 @@ def assign_spans(rows, path):
 # Poses as clips: How2Sign's OpenPose folders (one JSON per frame) and .pose files (pose-format) become (T, 3 x points)
 # frames by one preparation, chosen in bench/poses.py (docs/benchmarks/poses.md): the points that sign (upper body, 23
 # face points, both hands; no hips or legs), centred on the shoulders' mid-point and scaled by their width (medians
-# over the clip), each hand's points relative to its wrist, a missing point as zeros beside its confidence.
+# over the clip), each hand's points relative to its wrist, x and y per point (a missing point: zeros; a channel of
+# confidences or a found/missing mask scored lower there).
 POSE_SUFFIX = ".pose"
-POSE_PREPARATION = "upper body, 23 face points, hands from their wrists; shoulder-scaled; x, y, confidence (v1)"
+POSE_PREPARATION = "upper body, 23 face points, hands from their wrists; shoulder-centred and -scaled; a missing point 0"
 OPENPOSE_FRAME = re.compile(r"_(\d+)_keypoints\.json$")
 OPENPOSE_PARTS = (("pose_keypoints_2d", 25), ("face_keypoints_2d", 70), ("hand_left_keypoints_2d", 21),
                   ("hand_right_keypoints_2d", 21))
@@ -673,8 +674,8 @@ def is_pose_clip(path):
 
 
 def prepare_pose(parts):
-    """(T, 3 x points) float32 frames from {component: (T, P, 3) x, y, confidence} (confidence 0: not found): x, y
-    and confidence of each kept point; the hands are the last 2 x 21 points (of a known skeleton)."""
+    """(T, 2 x points) float32 frames from {component: (T, P, 3) x, y, confidence} (confidence 0: not found): x and y
+    of each kept point (0, 0 where it was not found); the hands are the last 2 x 21 points (of a known skeleton)."""
     skeleton = next((s for s in SKELETONS if set(s[0]) <= set(parts)), None)
     if skeleton is None:                              # centre and scale: the box of every point found
         points = np.concatenate(list(parts.values()), axis=1)
@@ -695,8 +696,7 @@ def prepare_pose(parts):
     for wrist in (-42, -21) if skeleton is not None else ():      # each hand's points from its wrist (its point 0)
         hand = slice(wrist + 1, wrist + 21 or None)
         xy[:, hand] = (xy[:, hand] - xy[:, wrist: wrist + 1]) * found[:, hand] * found[:, wrist: wrist + 1]
-    frames = np.concatenate([xy, np.clip(points[..., 2:], 0, 1) * found], axis=-1)
-    return np.nan_to_num(frames).reshape(len(points), -1).astype(np.float32)
+    return np.nan_to_num(xy).reshape(len(points), -1).astype(np.float32)
 
 
 def read_openpose_folder(folder):
@@ -1258,7 +1258,7 @@ class How2SignDataset(Dataset):
                         for path in self.paths if is_pose_clip(path))
         if kinds:
             lines.append(f"clips: {', '.join(f'{n} {kind}' for kind, n in kinds.items())}, prepared into "
-                         f"{self.feature_dim // 3} points x (x, y, confidence): {POSE_PREPARATION}")
+                         f"{self.feature_dim // 2} points x (x, y): {POSE_PREPARATION}")
         lines += [f"{count} {kind} in {clips} clips, first {example}: " + ("ignored" if kind == "stray files" else
                   "kept as frames of missing points") for kind, (count, clips, example) in self.pose_notes.items()]
         return lines + ([f"{self.clamped} spans end past their video's features (How2Sign's realigned times can): cut "

@@ -1,7 +1,7 @@
 """Pose preparation: which keypoints, normalised how, a missing point as what, measured on pose-shaped clips.
 
     python bench/poses.py                                  # every candidate, seeds 1 and 2 (random decoder)
-    python bench/poses.py --rows chosen,raw --seeds 1
+    python bench/poses.py --rows mask,raw --seeds 1
     python bench/poses.py --rows openpose --seeds 1        # the tool reading How2Sign-shaped JSON folders itself
 
 Data (built once under --out, then reused):
@@ -22,18 +22,18 @@ Rows (candidates; each written as .npy clips beside the data, then trained as a 
 --sonar_checkpoint none, 30 epochs, batch 32, LR 1e-3, warm-up 100, as bench/quality.py's random_lr1e-3):
   raw            every point, x / frame width, y / frame height, confidence (the pixels as they come)
   points         the signing points (upper body, 23 face points, hands), shoulder-centred and -scaled, confidence
-  chosen         `points` with each hand's points relative to its wrist: train_sonar_with_t5.prepare_pose
-  no_confidence  `chosen` with no confidence channel: a missing point is zeros only
-  chosen_pretrained, raw_pretrained   the two with the pretrained decoder
+  confidence     `points` with each hand's points relative to its wrist
+  mask           `confidence` with a 0/1 channel (the point was found) in place of the confidence
+  no_confidence  `confidence` with no third channel: a missing point is zeros only
+  <candidate>_pretrained   the same with the pretrained decoder
   openpose       the tool itself on How2Sign-shaped keypoint folders (one JSON per frame, stray files, missing
-                 frame numbers): the same data as `chosen`, so the same scores
+                 frame numbers): train_sonar_with_t5.prepare_pose is one of the candidates, so the same scores
 Prints a table of validation BLEU (as trained and with the decoding chosen on validation), then one JSON line.
 """
 
 import json
 import os
 import re
-import shlex
 import sys
 import time
 import zlib
@@ -53,9 +53,9 @@ import train_sonar_with_t5 as tsw  # noqa: E402
 FPS = 15
 SIGNERS = 12
 SCHEDULE = quality.HIGH_LR
-ROWS = {"raw": ("raw", "t5-random"), "points": ("points", "t5-random"), "chosen": ("chosen", "t5-random"),
-        "no_confidence": ("no_confidence", "t5-random"), "chosen_pretrained": ("chosen", "t5-pretrained"),
-        "raw_pretrained": ("raw", "t5-pretrained"), "openpose": ("openpose", "t5-random")}
+CANDIDATES = ("raw", "points", "confidence", "mask", "no_confidence")
+ROWS = {**{name: (name, "t5-random") for name in CANDIDATES},
+        **{f"{name}_pretrained": (name, "t5-pretrained") for name in CANDIDATES}, "openpose": ("openpose", "t5-random")}
 OPENPOSE_POINTS = 137
 
 
@@ -216,23 +216,26 @@ def openpose_parts(points):
 
 
 def candidate(points, size, name):
-    """The (T, D) frames a candidate preparation makes of one clip's most confident person."""
+    """The (T, D) frames a candidate preparation makes of one clip's most confident person (CANDIDATES)."""
     if name == "raw":
         scaled = points.copy()
         scaled[..., 0] /= size[0]
         scaled[..., 1] /= size[1]
         return scaled.reshape(len(points), -1)
-    frames = tsw.prepare_pose(openpose_parts(points)).reshape(len(points), -1, 3)
-    if name == "no_confidence":
-        frames = frames[..., :2]
-    elif name == "points":                            # the hands where they are, not from their wrists
+    body, face = (list(indices) for indices in tsw.SKELETONS[0][1:3])
+    kept = np.concatenate([points[:, body], points[:, 25:95][:, face], points[:, 95:]], axis=1)   # (T, 77, 3)
+    found = kept[..., 2:] > 0
+    xy = tsw.prepare_pose(openpose_parts(points)).reshape(len(points), 77, -1)[..., :2].copy()
+    if name == "points":                              # the hands where they are, not from their wrists
         shoulders = points[:, [5, 2]]
         both = (shoulders[..., 2] > 0).all(axis=1)
         centre = np.median(shoulders[both, :, :2].mean(axis=1), axis=0)
         scale = float(np.median(np.linalg.norm(shoulders[both, 0, :2] - shoulders[both, 1, :2], axis=-1)))
-        hands = points[:, 95:]
-        frames[:, -42:, :2] = (hands[..., :2] - centre) / scale * (hands[..., 2:] > 0)
-    return frames.reshape(len(points), -1)
+        xy[:, -42:] = (kept[:, -42:, :2] - centre) / scale * found[:, -42:]
+    channel = {"points": np.clip(kept[..., 2:], 0, 1) * found, "confidence": np.clip(kept[..., 2:], 0, 1) * found,
+               "mask": found.astype(np.float32), "no_confidence": None}[name]
+    frames = xy if channel is None else np.concatenate([xy, channel], axis=-1)
+    return frames.reshape(len(points), -1).astype(np.float32)
 
 
 def write_openpose_folder(folder, clip_id, people_by_frame, skip, rng):
@@ -276,7 +279,7 @@ def prepare(root):
             frames_total.append(len(points))
             chosen = np.stack([max(frame, key=lambda p: p[:, 2].sum()) if frame and number != skip
                                else np.zeros_like(points[0]) for number, frame in enumerate(people)])
-            for name in ("raw", "points", "chosen", "no_confidence"):
+            for name in CANDIDATES:
                 folder = root / "clips" / name / split
                 folder.mkdir(parents=True, exist_ok=True)
                 np.save(folder / f"{row.id}.npy", candidate(chosen, size, name))
@@ -324,24 +327,13 @@ def summarise(runs):
 
 
 def main():
-    parser = quality.bench_parser(__doc__, {k: v for k, v in ROWS.items() if k in
-                                            ("raw", "points", "chosen", "no_confidence")}, "bench/results/poses")
+    parser = quality.bench_parser(__doc__, {name: ROWS[name] for name in CANDIDATES}, "bench/results/poses")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out)
     info, quality_root = prepare(root)
     print(f"data: {json.dumps(info)}")
-    extra = shlex.split(args.extra)
-    tag = args.tag or (re.sub(r"[^\w.=-]+", "_", args.extra).strip("_") or "defaults")
-    runs = []
-    for row in args.rows.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            runs.append(run(root, quality_root, root / "runs" / tag, row, seed, extra))
-            print(json.dumps(runs[-1]), flush=True)
-    print()
-    print(summarise(runs))
-    print(json.dumps({"tag": tag, "extra": args.extra, "data": info, "runs": runs}))
-
+    quality.run_rows(args, info, lambda out, row, seed, extra: run(root, quality_root, out, row, seed, extra), summarise)
 
 if __name__ == "__main__":
     main()

@@ -276,22 +276,28 @@ def bench_parser(doc, rows, out):
     return parser
 
 
+def run_rows(args, data, run_one, summarise_runs):
+    """Every row of --rows with every seed of --seeds: run_one(runs_folder, row, seed, extra flags) -> a record,
+    printed as it comes; then summarise_runs' table and one JSON line."""
+    extra = shlex.split(args.extra)
+    tag = args.tag or (re.sub(r"[^\w.=-]+", "_", args.extra).strip("_") or "defaults")
+    runs = []
+    for row in args.rows.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            runs.append(run_one(Path(args.out) / "runs" / tag, row, seed, extra))
+            print(json.dumps(runs[-1]), flush=True)
+    print()
+    print(summarise_runs(runs))
+    print(json.dumps({"tag": tag, "extra": args.extra, "data": data, "runs": runs}))
+
+
 def main():
     args = bench_parser(__doc__, ROWS, "bench/results/quality").parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out)
     summary = prepare(root)
     print(f"data: {json.dumps(summary)}")
-    extra = shlex.split(args.extra)
-    tag = args.tag or (re.sub(r"[^\w.=-]+", "_", args.extra).strip("_") or "defaults")
-    runs = []
-    for row in args.rows.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            runs.append(run(root, root / "runs" / tag, row, seed, extra))
-            print(json.dumps(runs[-1]), flush=True)
-    print()
-    print(summarise(runs))
-    print(json.dumps({"tag": tag, "extra": args.extra, "data": summary, "runs": runs}))
+    run_rows(args, summary, lambda out, row, seed, extra: run(root, out, row, seed, extra), summarise)
 
 
 if __name__ == "__main__":

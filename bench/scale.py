@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 LAYOUTS = {   # layout -> (feature width, frames per clip (min, max), distinct files by default)
     "ours": (768, (100, 150), 0),
     "tarres": (1024, (100, 700), 1000),
-    "keypoints": (231, (100, 200), 0),         # 231: the prepared width (77 points x, y, confidence)
+    "keypoints": (154, (100, 200), 0),         # 154: the prepared width (77 points x, y)
 }
 CSV_HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE"
 TARRES_HEADER = ("id\tsigns_file\tsigns_offset\tsigns_length\tsigns_type\tsigns_lang\ttranslation\t"

@@ -81,7 +81,7 @@ def test_how2sign_keypoint_folders_train_predict_and_name_what_they_lack(project
     flags = keypoint_flags(project, out)
     assert tsw.main(flags + ["--check"]) == 0
     printed = capsys.readouterr().out
-    assert "clips: 48 How2Sign keypoint folders, prepared into 77 points x (x, y, confidence)" in printed
+    assert "clips: 48 How2Sign keypoint folders, prepared into 77 points x (x, y)" in printed
     assert f"1 stray files in 1 clips, first {keypoints['train'][0][0]}: .DS_Store: ignored" in printed
     assert "1 missing frame numbers in 1 clips" in printed and "frame 2" in printed
     assert "1 unreadable frame files in 1 clips" in printed and "1 frames with no person in 1 clips" in printed
@@ -123,7 +123,7 @@ def test_pose_files_train_and_predict_like_feature_files(project, project_templa
     flags = keypoint_flags(project, out, features=lambda split: project / "poses" / split)
     assert tsw.main(flags) == 0
     log = (out / "train.log").read_text()
-    assert "train: clips: 47 .pose files, prepared into 77 points" in log
+    assert "train: clips: 47 .pose files, prepared into 77 points x (x, y)" in log
     skipped = dict(tsv_rows(out / "skipped_clips.tsv"))
     assert skipped[clips["val"][5][0]].startswith("val: no person in any frame")
     assert skipped[clips["train"][2][0]].startswith("train: unreadable pose clip")
@@ -137,12 +137,11 @@ def test_pose_files_train_and_predict_like_feature_files(project, project_templa
 
 def test_the_preparation_ignores_where_and_how_large_the_signer_is(project_template):
     """Shoulder-centred and -scaled: the same pose moved and enlarged in the frame gives the same frames; the legs
-    are left out; a hand moved as a whole changes only its wrist's values; a point not found is zeros beside a
-    confidence of 0."""
+    are left out; a hand moved as a whole changes only its wrist's values; a point not found is zeros."""
     points = skeleton_frames(np.random.default_rng(3), 5)
     parts = dict(zip([key for key, _ in tsw.OPENPOSE_PARTS], np.split(points, [25, 95, 116], axis=1)))
     frames = tsw.prepare_pose(parts)
-    assert frames.shape == (5, 77 * 3)
+    assert frames.shape == (5, 77 * 2)
     moved = {key: value * [1.5, 1.5, 1] + [300, -80, 0] for key, value in parts.items()}
     assert np.allclose(tsw.prepare_pose(moved), frames, atol=1e-4)
     legs = {key: value.copy() for key, value in parts.items()}
@@ -150,12 +149,12 @@ def test_the_preparation_ignores_where_and_how_large_the_signer_is(project_templ
     assert np.array_equal(tsw.prepare_pose(legs), frames)
     hand = {key: value.copy() for key, value in parts.items()}
     hand["hand_right_keypoints_2d"][:, :, :2] += [40, 25]
-    changed = np.abs(tsw.prepare_pose(hand) - frames).reshape(5, 77, 3).max(axis=(0, 2)) > 1e-4
+    changed = np.abs(tsw.prepare_pose(hand) - frames).reshape(5, 77, 2).max(axis=(0, 2)) > 1e-4
     assert changed.nonzero()[0].tolist() == [77 - 21]                      # the right hand's wrist point only
     lost = {key: value.copy() for key, value in parts.items()}
     lost["hand_left_keypoints_2d"][2, 7] = 0
-    prepared = tsw.prepare_pose(lost).reshape(5, 77, 3)
-    assert prepared[2, 77 - 42 + 7].tolist() == [0, 0, 0]
+    prepared = tsw.prepare_pose(lost).reshape(5, 77, 2)
+    assert prepared[2, 77 - 42 + 7].tolist() == [0, 0] and prepared[1, 77 - 42 + 7].any()
 
 
 def test_a_keypoint_folder_is_read_in_frame_order_with_the_most_confident_person(tmp_path):
