@@ -647,7 +647,7 @@ def assign_spans(rows, path):
 # 4. Frame store: every clip file read once (pose clips prepared into frames first); each clip (or each
 # sentence's span of a video) keeps its mean frame and its length in memory, and its frames in the store
 
-# Poses as clips: How2Sign's OpenPose folders (one JSON per frame) and .pose files (pose-format) become (T, 3 x points)
+# Poses as clips: How2Sign's OpenPose folders (one JSON per frame) and .pose files (pose-format) become (T, 2 x points)
 # frames by one preparation, chosen in bench/poses.py (docs/benchmarks/poses.md): the points that sign (upper body, 23
 # face points, both hands; no hips or legs), centred on the shoulders' mid-point and scaled by their width (medians
 # over the clip), each hand's points relative to its wrist, x and y per point (a missing point: zeros; a channel of
@@ -670,7 +670,9 @@ SKELETONS = (
 
 
 def is_pose_clip(path):
-    return str(path).endswith(POSE_SUFFIX) or os.path.isdir(path)
+    """A .pose file or a keypoint folder; a feature file's path is told by its name, with no stat (Drive is slow)."""
+    path = str(path)
+    return path.endswith(POSE_SUFFIX) or (not path.endswith(FEATURE_SUFFIXES + PICKLE_SUFFIXES) and os.path.isdir(path))
 
 
 def prepare_pose(parts):
@@ -1049,8 +1051,8 @@ def scan_files(spans_by_file, trim_zero_frames, fps, keep, io_threads=8, progres
     bar = dict(total=len(spans_by_file), desc=f"reading {split} clips", disable=not progress, leave=False)
     poses = [path for path in spans_by_file if is_pose_clip(path)]
     if poses:
-        prepared = read_pose_clips(poses, parts_dir, min(io_threads, os.cpu_count() or 1))
-        return [read(item, next(prepared) if is_pose_clip(item[0]) else None) for item in tqdm(spans_by_file.items(), **bar)]
+        prepared, pose_paths = read_pose_clips(poses, parts_dir, min(io_threads, os.cpu_count() or 1)), set(poses)
+        return [read(item, next(prepared) if item[0] in pose_paths else None) for item in tqdm(spans_by_file.items(), **bar)]
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
         return list(tqdm(pool.map(read, spans_by_file.items()), **bar))
 
