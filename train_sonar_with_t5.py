@@ -16,7 +16,7 @@ Sections, in order:
   5. Dataset         How2SignDataset (clips, texts, lengths, frame statistics) and its collates.
   6. Encoder         SentenceEncoder: the users' fine-tuned mean-pool MLP (best_encoder.pt).
   7. Bridge          the sentence embedding (frames alone: FrameSummary) and the frames -> the decoder's inputs.
-  8. Decoder         DecoderAdapter: any seq2seq model (full, frozen or LoRA) behind one loss and one generate.
+  8. Decoder         DecoderAdapter: any seq2seq model (full or LoRA) behind one loss and one generate.
   9. Model           SONARwithT5: encoder + bridge + decoder; rebuilt from a state dict's configuration.
  10. Checkpoints     what best_model.pt and last.pt hold, and reading them back.
  11. Decoding        one translation loop, metrics (BLEU-1..4, chrF, ROUGE-L, repeats, length), collapse diagnostics.
@@ -73,12 +73,11 @@ logger = logging.getLogger("train_sonar_with_t5")
 # 1. Configuration
 
 DEFAULT_T5 = "t5-small"
-BRIDGE_KINDS = ("prefix_memory", "guide")
 # Where the frame tokens go is the decoder family's: beside the encoder's output for these (measured better for
 # T5 and mT5 in bench/quality.py, docs/benchmarks/quality.md), in the encoder for the others (BART and M2M100 /
 # NLLB-200 learned far worse beside it).
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
-ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a frozen or LoRA decoder: small checkpoints
+ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a LoRA decoder: small checkpoints
 CHECKPOINT_FORMAT = 3        # state dicts carry their ModelConfig; earlier formats are refused
 
 
@@ -102,19 +101,12 @@ class ModelConfig:
     feature_dim: int | None = None        # the frames' width (None: the encoder's input width)
     freeze_encoder: bool = flag(True, "bridge", "keep the sentence encoder frozen (--no-freeze_encoder trains it at "
                                 "--encoder_lr_scale)")
-    bridge: str = flag("prefix_memory", "bridge", "prefix_memory: per-query content refined by attention; guide: the "
-                       "guide's single-key attention (collapses)", choices=BRIDGE_KINDS)
     num_queries: int = flag(32, "bridge", "learnable query tokens (the guide's `expander` length) fed to the decoder", "at least 1")
     num_heads: int = flag(8, "bridge", "attention heads (bridge and frame layers)", "at least 1")
     bridge_layers: int = flag(1, "bridge", "bridge depth", "at least 1")
     memory_tokens: int = flag(8, "bridge", "key/value tokens projected from the sentence embedding", "at least 1")
     bridge_ff_dim: int = flag(0, "bridge", "feed-forward width of the bridge and frame layers (0: 4 x d_model)", "0 or more")
     bridge_dropout: float = flag(0.1, "bridge", "bridge dropout", "in [0, 1)")
-    bridge_layernorm: bool = flag(True, "bridge", "LayerNorm on the bridge output, scaled to the decoder's embedding "
-                                  "scale (the guide's troubleshooting step 3)")
-    frame_attention: bool = flag(True, "frames", "the clip's frames (standardised, strided, with positions) go to the "
-                                 "decoder beside the bridge's tokens, and the bridge's queries attend "
-                                 "to them too (--no-frame_attention: the sentence embedding only)")
     frame_stride: int = flag(2, "frames", "temporal striding: one frame token every this many frames", "at least 1")
     frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
     frame_memory_layers: int = flag(1, "frames", "T5 and mT5 decoders: self-attention layers over the frame tokens, which "
@@ -124,21 +116,17 @@ class ModelConfig:
                          "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
     target_lang: str | None = flag(None, "decoder", "a multilingual decoder's target language code (NLLB eng_Latn, "
                                    "mBART-50 en_XX, M2M100 en): labels and generation start with it; default English")
-    freeze_t5: bool = flag(False, "decoder", "keep the decoder's weights frozen: only the bridge (and frame path) "
-                           "train; checkpoints hold those plus the base model's name and fingerprint, not its weights")
     lora_rank: int = flag(0, "decoder", "train LoRA adapters of this rank on the decoder's attention (needs peft), "
                           "the base frozen", "0 or more")
     lora_alpha: int = flag(0, "decoder", "LoRA scaling alpha (0: 2 x --lora_rank)", "0 or more")
     gradient_checkpointing: bool = flag(False, "decoder", "recompute the decoder's activations in the backward pass: "
                                         "less memory, ~30%% slower")
     decoder_config: dict | None = None    # the decoder's own config (filled in when the model is built)
-    decoder_fingerprint: str | None = None  # a frozen or LoRA decoder's base weights (checkpoints omit them)
+    decoder_fingerprint: str | None = None  # a LoRA decoder's base weights (checkpoints omit them)
 
     FLAGS = ()   # (set below: the fields that have a flag)
 
     def __post_init__(self):
-        if self.bridge not in BRIDGE_KINDS:
-            raise UserError(f"unknown bridge '{self.bridge}' (choose from {BRIDGE_KINDS})")
         if self.encoder_dims is not None:
             object.__setattr__(self, "encoder_dims", tuple(self.encoder_dims))
 
@@ -159,7 +147,7 @@ class ModelConfig:
 
     @property
     def decoder_training(self):
-        return "lora" if self.lora_rank else "frozen" if self.freeze_t5 else "full"
+        return "lora" if self.lora_rank else "full"
 
     @property
     def family(self):
@@ -171,10 +159,8 @@ class ModelConfig:
 
     @property
     def route(self):
-        """Where the frame tokens go (None without frames): beside the encoder's output ('cross_attention') for
-        CROSS_ROUTE_FAMILIES, else read by the decoder's encoder after the bridge's tokens ('encoder')."""
-        if not self.frame_attention:
-            return None
+        """Where the frame tokens go: beside the encoder's output ('cross_attention') for CROSS_ROUTE_FAMILIES,
+        else read by the decoder's encoder after the bridge's tokens ('encoder')."""
         return family_route(self.family)
 
     @property
@@ -183,7 +169,7 @@ class ModelConfig:
 
     @property
     def prefix_width(self):
-        """ADAPTER_PREFIX_DIM beside a frozen or LoRA decoder, else the feed-forward width."""
+        """ADAPTER_PREFIX_DIM beside a LoRA decoder, else the feed-forward width."""
         return ADAPTER_PREFIX_DIM if self.decoder_training != "full" else self.ff_width
 
     @property
@@ -206,13 +192,17 @@ ModelConfig.FLAGS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.m
 # Options retired on 2026-12-07: measurements rejected them and no default used them (their numbers are in
 # docs/benchmarks' archives; CHANGELOG.md lists them). A flag: (its retired values, None: the flag itself; what
 RETIRED = {   # replaced it)
-    "bridge": (("memory", "prefix"), "the default --bridge prefix_memory replaced it (it scored higher in bench/quality.py)"),
+    "bridge": (None, "the bridge is always prefix_memory (the guide's single-key bridge collapsed: docs/benchmarks/collapse.md)"),
+    "bridge_layernorm": (None, "the bridge's output is always LayerNorm-scaled to the decoder's embeddings (the guide's step 3)"),
+    "frame_attention": (None, "the model always reads the clip's frames (the sentence embedding alone scored 6.49 against "
+                              "33.38 BLEU in bench/quality.py)"),
+    "freeze_t5": (None, "train LoRA adapters instead, which keep the base frozen: --lora_rank 8 (36.41 against 33.73 BLEU)"),
     "frame_summary": (None, "frames alone always learn the attention summary, which scored higher than the mean"),
     **dict.fromkeys(("frame_store", "frame_cache_gb"), (None, "clips are always read once into the frame store; put it "
                                                               "elsewhere with --cache_dir DIR")),
     "bridge_lr_scale": (None, "set the bridge's rate itself with --bridge_learning_rate LR"),
     "standardize": (None, "the bridge always standardises its input (without it, it collapsed)"),
-    "prefix_dim": (None, "the prefix MLP is as wide as the feed-forward (--bridge_ff_dim), 256 beside a frozen or LoRA decoder"),
+    "prefix_dim": (None, "the prefix MLP is as wide as the feed-forward (--bridge_ff_dim), 256 beside a LoRA decoder"),
     "report_to": (("wandb", "all"), "the trackers are TensorBoard (the default) and MLflow: name them, e.g. --report_to mlflow"),
     **dict.fromkeys(("do_sample", "temperature", "top_p"), (None, "decoding is deterministic beam search (sampling hid "
                                                                   "collapse and made --predict irreproducible)")),
@@ -228,7 +218,8 @@ RETIRED = {   # replaced it)
                               "shoulders when they are prepared"),
 }
 KEPT_VALUES = {"frame_summary": ("attention",), "standardize": (True,), "prefix_dim": (None,),   # what checkpoints may hold
-               "frame_centering": (False,)}
+               "frame_centering": (False,), "bridge": ("prefix_memory",), "bridge_layernorm": (True,),
+               "frame_attention": (True,), "freeze_t5": (False,)}
 
 
 def family_route(family):
@@ -1422,9 +1413,10 @@ def load_sonar_encoder(path, dropout=0.1):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Bridge: the standardised sentence embedding (and the frames) -> the decoder's input embeddings.
-# Every kind keeps the guide's `expander` (the learnable queries); kinds with attention expose the
-# guide's `attention_bridge` (their first nn.MultiheadAttention).
+# 7. Bridge: the standardised sentence embedding and the frames -> the decoder's input embeddings.
+# It keeps the guide's `expander` (the learnable queries) and `attention_bridge` (its first
+# nn.MultiheadAttention). The guide's own bridge (queries attending to ONE key, so every query got the same
+# vector) collapsed and was retired: docs/benchmarks/collapse.md.
 
 
 def sinusoidal_positions(length, dim, device):
@@ -1437,27 +1429,19 @@ def sinusoidal_positions(length, dim, device):
 
 
 class BridgeBlock(nn.Module):
-    """Pre-norm cross-attention (queries -> memory) and feed-forward, both residual.
+    """Pre-norm cross-attention (queries -> memory) and feed-forward, both residual: the residual path keeps
+    each query position distinct even when attention weights are uniform."""
 
-    The residual path keeps each query position distinct even when attention weights are uniform;
-    `guide=True` drops norm, residual and feed-forward: the guide's bare nn.MultiheadAttention.
-    """
-
-    def __init__(self, d_model, num_heads, ff_dim, dropout, guide=False):
+    def __init__(self, d_model, num_heads, ff_dim, dropout):
         super().__init__()
-        self.guide = guide
         self.attention = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
-        if not guide:
-            self.query_norm = nn.LayerNorm(d_model)
-            self.ff_norm = nn.LayerNorm(d_model)
-            self.feed_forward = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout),
-                                              nn.Linear(ff_dim, d_model))
-            self.dropout = nn.Dropout(dropout)
+        self.query_norm = nn.LayerNorm(d_model)
+        self.ff_norm = nn.LayerNorm(d_model)
+        self.feed_forward = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout),
+                                          nn.Linear(ff_dim, d_model))
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries, memory, memory_padding_mask=None):     # (B, Q, d), (B, M, d)
-        if self.guide:
-            return self.attention(queries, memory, memory, key_padding_mask=memory_padding_mask,
-                                  need_weights=False)[0]
         attended = self.attention(self.query_norm(queries), memory, memory,
                                   key_padding_mask=memory_padding_mask, need_weights=False)[0]
         queries = queries + self.dropout(attended)
@@ -1540,9 +1524,10 @@ class FrameSummary(nn.Module):
 
 
 class Bridge(nn.Module):
-    """What both bridges share: input standardisation, the `expander` queries, the output scale."""
-
-    standardize = True   # without it the default bridge collapsed (docs/benchmarks/collapse.md)
+    """The sentence embedding, standardised per dimension, -> `num_queries` tokens for the decoder: each
+    `expander` query gets its own content from the embedding (a prefix MLP), then refines it by attending to
+    `memory_tokens` tokens projected from the embedding and to the clip's frame tokens. The output is
+    LayerNorm-scaled to the decoder's embeddings (the guide's troubleshooting step 3)."""
 
     def __init__(self, config, embed_dim, output_scale):
         super().__init__()
@@ -1550,17 +1535,20 @@ class Bridge(nn.Module):
         self.register_buffer("embedding_mean", torch.zeros(embed_dim))
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self.expander = nn.Parameter(torch.randn(config.num_queries, d_model))   # the learnable queries
-        self.frame_encoder = (FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel)
-                              if config.frame_attention else None)
+        self.frame_encoder = FrameEncoder(config.frame_width, d_model, config.frame_stride, config.frame_kernel)
         self.frame_memory = None             # FrameMemory on the cross_attention route (make_bridge)
-        self.output_norm = nn.LayerNorm(d_model) if config.bridge_layernorm else nn.Identity()
+        self.memory_projection = nn.Linear(embed_dim, config.memory_tokens * d_model)
+        self.memory_positions = nn.Parameter(torch.randn(config.memory_tokens, d_model) * 0.02)
+        self.memory_norm = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList(BridgeBlock(d_model, config.num_heads, config.ff_width, config.bridge_dropout)
+                                    for _ in range(config.bridge_layers))
+        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, config.prefix_width), nn.GELU(),
+                                        nn.Dropout(config.bridge_dropout),
+                                        nn.Linear(config.prefix_width, self.expander.numel()))
+        self.output_norm = nn.LayerNorm(d_model)
         # Pretrained T5 embeddings are large (std ~ 11.6 for t5-v1_1): LayerNorm-scale inputs would be
         # drowned by its layers' outputs, so the output scale starts at T5's own embedding scale.
-        self.output_scale = nn.Parameter(torch.tensor(output_scale if config.bridge_layernorm else 1.0))
-
-    def make_blocks(self, config, guide=False):
-        return nn.ModuleList(BridgeBlock(config.d_model, config.num_heads, config.ff_width, config.bridge_dropout,
-                                         guide=guide) for _ in range(config.bridge_layers))
+        self.output_scale = nn.Parameter(torch.tensor(output_scale))
 
     @property
     def attention_bridge(self):
@@ -1569,7 +1557,7 @@ class Bridge(nn.Module):
     @property
     def projection(self):
         """The original module's `projection`: the layer that first maps the sentence embedding towards
-        T5's width (to the memory tokens; the guide's: to its one key)."""
+        T5's width (to the memory tokens)."""
         return self.memory_projection
 
     @torch.no_grad()
@@ -1581,76 +1569,27 @@ class Bridge(nn.Module):
             self.embedding_mean.copy_(embeddings.mean(dim=0))
             self.embedding_std.copy_(embeddings.std(dim=0, unbiased=False).clamp(min=1e-6)
                                      if len(embeddings) > 1 else torch.ones_like(self.embedding_std))
-        if self.frame_encoder is not None and frame_mean is not None:
+        if frame_mean is not None:
             self.frame_encoder.frame_mean.copy_(frame_mean)
             self.frame_encoder.frame_std.copy_(frame_std.clamp(min=1e-6))
 
-    def forward(self, sentence_embedding, frame_tokens=None, frame_padding=None):  # (B, E) -> (B, Q, d)
-        """`frame_tokens`/`frame_padding`: the frame encoder's output, for bridges with --frame_attention."""
-        embedding = sentence_embedding.to(self.expander.dtype)
-        if self.standardize:
-            # Clips' embeddings share most of their direction (cosine ~0.99); standardising per
-            # dimension makes the small per-clip differences the signal.
-            embedding = (embedding - self.embedding_mean) / self.embedding_std
-        return self.output_norm(self.tokens(embedding, frame_tokens, frame_padding)) * self.output_scale
-
-    def attend(self, queries, memory, frame_tokens, frame_padding):
-        """Queries read the memory tokens (and the frames, when given) through the bridge blocks."""
-        padding = None
-        if frame_tokens is not None:
-            memory = torch.cat([memory, frame_tokens], dim=1)                         # (B, M + T, d)
-            padding = F.pad(frame_padding, (memory.shape[1] - frame_tokens.shape[1], 0), value=False)
+    def forward(self, sentence_embedding, frame_tokens, frame_padding):  # (B, E), the frame encoder's -> (B, Q, d)
+        # Clips' embeddings share most of their direction (cosine ~0.99); standardising per dimension makes
+        # the small per-clip differences the signal (without it the bridge collapsed: docs/benchmarks/collapse.md).
+        embedding = (sentence_embedding.to(self.expander.dtype) - self.embedding_mean) / self.embedding_std
+        queries = self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)  # (B, Q, d)
+        memory = self.memory_projection(embedding).view(len(embedding), -1, self.expander.shape[1])
+        memory = torch.cat([self.memory_norm(memory + self.memory_positions), frame_tokens], dim=1)   # (B, M + T, d)
+        padding = F.pad(frame_padding, (memory.shape[1] - frame_tokens.shape[1], 0), value=False)
         for block in self.blocks:
             queries = block(queries, memory, padding)
-        return queries
-
-
-class PrefixMemoryBridge(Bridge):
-    """The default. Each `expander` query gets its own content from the embedding (a prefix MLP), then
-    refines it by attending to `memory_tokens` tokens projected from the embedding (and to the frames)."""
-
-    def __init__(self, config, embed_dim, output_scale):
-        super().__init__(config, embed_dim, output_scale)
-        self.memory_projection = nn.Linear(embed_dim, config.memory_tokens * config.d_model)
-        self.memory_positions = nn.Parameter(torch.randn(config.memory_tokens, config.d_model) * 0.02)
-        self.memory_norm = nn.LayerNorm(config.d_model)
-        self.blocks = self.make_blocks(config)
-        self.prefix_mlp = nn.Sequential(nn.Linear(embed_dim, config.prefix_width), nn.GELU(),
-                                        nn.Dropout(config.bridge_dropout),
-                                        nn.Linear(config.prefix_width, self.expander.numel()))
-
-    def memory(self, embedding):                                                    # (B, E) -> (B, M, d)
-        memory = self.memory_projection(embedding).view(len(embedding), -1, self.expander.shape[1])
-        return self.memory_norm(memory + self.memory_positions)
-
-    def tokens(self, embedding, frame_tokens, frame_padding):
-        queries = self.expander + self.prefix_mlp(embedding).view(len(embedding), *self.expander.shape)  # (B, Q, d)
-        return self.attend(queries, self.memory(embedding), frame_tokens, frame_padding)
-
-
-class GuideBridge(Bridge):
-    """The guide's bridge: `expander` queries attend to ONE projected token. With one key, softmax
-    gives every query weight 1, so all query positions carry the same vector. Not standardised."""
-
-    standardize = False
-
-    def __init__(self, config, embed_dim, output_scale):
-        super().__init__(config, embed_dim, output_scale)
-        self.memory_projection = nn.Linear(embed_dim, config.d_model)               # one key/value token
-        self.blocks = self.make_blocks(config, guide=True)
-
-    def tokens(self, embedding, frame_tokens, frame_padding):
-        queries = self.expander.expand(len(embedding), -1, -1)
-        return self.attend(queries, self.memory_projection(embedding).unsqueeze(1), frame_tokens, frame_padding)
-
-
-BRIDGES = {"prefix_memory": PrefixMemoryBridge, "guide": GuideBridge}
+        return self.output_norm(queries) * self.output_scale
 
 
 def make_bridge(config, embed_dim, decoder):
     """The bridge `config` describes, its output at the decoder's embedding scale; on the cross_attention
     route with a frame memory at the scale of the decoder encoder's output."""
-    bridge = BRIDGES[config.bridge](config, embed_dim, embedding_scale(decoder.seq2seq))
+    bridge = Bridge(config, embed_dim, embedding_scale(decoder.seq2seq))
     if config.route == "cross_attention":
         bridge.frame_memory = FrameMemory(config, encoder_output_scale(decoder.seq2seq))
     return bridge
@@ -1929,8 +1868,8 @@ def encoder_output_scale(model):
 
 
 class DecoderAdapter(nn.Module):
-    """One decoder behind one interface, whatever its family and however it trains (in full, frozen, or
-    through LoRA adapters): its encoder reads the bridge's tokens (`inputs_embeds`); its decoder reads
+    """One decoder behind one interface, whatever its family and however it trains (in full, or through LoRA
+    adapters): its encoder reads the bridge's tokens (`inputs_embeds`); its decoder reads
     that encoder's output and the frame memory (`memory`) for a loss or for sentences."""
 
     def __init__(self, model, tokenizer, config):
@@ -1938,8 +1877,6 @@ class DecoderAdapter(nn.Module):
         language = target_language(tokenizer, config.target_lang, config.t5_model)
         if config.lora_rank:
             model = with_lora(model, config.lora_rank, config.lora_alpha)
-        elif config.freeze_t5:
-            model.requires_grad_(False)
         if config.gradient_checkpointing:
             enable_checkpointing(unwrapped(model))
         # `t5`, as the original module named it: users' scripts group parameters by "t5" in their names
@@ -2012,7 +1949,7 @@ class DecoderAdapter(nn.Module):
 
 
 def is_base_weight(key):
-    """A frozen or LoRA decoder's own weights: rebuilt from its base model, not saved in checkpoints."""
+    """A LoRA decoder's own weights: rebuilt from its base model, not saved in checkpoints."""
     return key.startswith("decoder.t5.") and "lora_" not in key
 
 
@@ -2020,12 +1957,9 @@ class SONARwithT5(nn.Module):
     """Sentence encoder (frozen by default) -> bridge -> decoder, as ModelConfig describes.
 
     SONARwithT5(sonar_checkpoint, t5_model_name="t5-small", freeze_encoder=True, device="cuda") as in
-    the original module; the other options as keywords (ModelConfig's fields). Bridges (--bridge):
-      prefix_memory (default) each `expander` query gets per-clip content from the standardised
-                    embedding, then reads `memory_tokens` memory tokens through `attention_bridge`
-      guide         the guide's bridge: attention over ONE key, so every query gets the same vector
-    With frames (the default) the bridge also reads the clip's frame tokens, and the decoder reads them
-    beside its encoder's output (route cross_attention) or in its encoder after the bridge's tokens.
+    the original module; the other options as keywords (ModelConfig's fields). The bridge reads the
+    standardised embedding and the clip's frame tokens; the decoder reads the frame tokens too, beside its
+    encoder's output (route cross_attention) or in its encoder after the bridge's tokens.
     Frames alone: SONARwithT5(None, feature_dim=D, ...) (--sonar_checkpoint none) has no sentence encoder;
     a FrameSummary learned from the frame tokens takes the sentence embedding's place.
 
@@ -2066,10 +2000,10 @@ class SONARwithT5(nn.Module):
                 facts["decoder_fingerprint"] = fingerprint
             config = config.replace(**facts)
             decoder = DecoderAdapter(decoder, tokenizer, config)
-        if not config.uses_encoder and not (config.feature_dim and config.frame_attention):
+        if not config.uses_encoder and not config.feature_dim:
             raise UserError("a model with no sentence encoder (sonar_checkpoint=None, --sonar_checkpoint none) reads "
-                            "the frames alone: it needs their width (feature_dim=D) and the frame path (drop "
-                            "--no-frame_attention); a trained best_model.pt loads with SONARwithT5.from_checkpoint(path)")
+                            "the frames alone: it needs their width (feature_dim=D); a trained best_model.pt loads "
+                            "with SONARwithT5.from_checkpoint(path)")
         self.config = config
         self.decoder = decoder
         self.decoding = getattr(self, "decoding", {})    # chosen after training; carried by the state dict
@@ -2106,7 +2040,7 @@ class SONARwithT5(nn.Module):
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """nn.Module's, after rebuilding this model as the state dict's configuration describes: the guide's
         Cell 7 builds a default model and loads any best_model.pt into it (another bridge, frame path or
-        decoder; a frozen or LoRA decoder's base weights come from its base model, by name)."""
+        decoder; a LoRA decoder's base weights come from its base model, by name)."""
         saved = saved_config(state_dict)
         if saved != self.config:
             self.rebuild(saved)
@@ -2120,13 +2054,13 @@ class SONARwithT5(nn.Module):
         return result._replace(missing_keys=missing)
 
     def trained_state_dict(self):
-        """What checkpoints hold (on CPU): everything but a frozen or LoRA-adapted decoder's base weights."""
+        """What checkpoints hold (on CPU): everything but a LoRA-adapted decoder's base weights."""
         return cpu_state_dict(self, None if self.config.decoder_training == "full" else
                               lambda key: not is_base_weight(key))
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", checkpoint=None, base=None):
-        """A trained model from best_model.pt alone (and its t5_export/ folder when present; a frozen or LoRA
+        """A trained model from best_model.pt alone (and its t5_export/ folder when present; a LoRA
         decoder's base model by its recorded name, or from `base`)."""
         return load_model(path, device, checkpoint, base)
 
@@ -2196,13 +2130,8 @@ class SONARwithT5(nn.Module):
         self.bridge.set_statistics(embeddings, frame_mean, frame_std)
 
     def frame_tokens(self, batch):
-        """With frames, the clip's frames encoded once per batch (standardised, projected, with positions)
-        and their padding mask: (B, T, d_model), (B, T); else (None, None)."""
-        if not self.config.frame_attention:
-            return None, None
-        if batch.get("features") is None:
-            raise UserError("this model attends to frames (--frame_attention): its dataset must be "
-                            "built with return_frames=True")
+        """The clip's frames encoded once per batch (standardised, projected, with positions) and their padding
+        mask: (B, T, d_model), (B, T)."""
         return self.bridge.frame_encoder(batch["features"], batch["length"])
 
     def bridge_tokens(self, batch, frame_tokens=None, frame_padding=None):
@@ -2218,8 +2147,6 @@ class SONARwithT5(nn.Module):
         frame_tokens, frame_padding = self.frame_tokens(batch)
         tokens = self.bridge_tokens(batch, frame_tokens, frame_padding)
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=self.device)
-        if frame_tokens is None:
-            return tokens, mask, None
         if self.bridge.frame_memory is not None:
             return tokens, mask, self.bridge.frame_memory(frame_tokens, frame_padding)
         tokens = torch.cat([tokens, frame_tokens * self.bridge.output_scale], dim=1)
@@ -2558,16 +2485,13 @@ def diagnose_collapse(diagnostics, frames_alone=False):
     if d["encoder_spread"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the ENCODER: its embeddings of different clips are "
                 f"identical (spread {d['encoder_spread']:.1e}); retrain or unfreeze it "
-                "(--no-freeze_encoder), or let the model read the frames (the default; drop --no-frame_attention).")
-    if d["bridge_spread_positions"] < FLAT_SPREAD:
-        return (f"Mode collapse ({share}) starts in the BRIDGE: all query positions carry the same "
-                "vector (attention over one key); use the default --bridge prefix_memory.")
+                "(--no-freeze_encoder), or train from the frames alone (--sonar_checkpoint none).")
     if d["bridge_spread_clips"] < FLAT_SPREAD:
         return (f"Mode collapse ({share}) starts in the BRIDGE: its outputs barely differ between clips "
                 f"(spread {d['bridge_spread_clips']:.1e}); train longer.")
     return (f"Mode collapse ({share}) is in the DECODER: the bridge passes on per-clip differences "
             f"(spread {d['bridge_spread_clips']:.2f}) but the decoder ignores them; train longer, or raise "
-            "--bridge_learning_rate (with --freeze_t5: try --lora_rank), and check that references are correct (--check).")
+            "--bridge_learning_rate, and check that references are correct (--check).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2838,9 +2762,9 @@ def bridge_learning_rate(args):
     return args.bridge_learning_rate or DEFAULT_BRIDGE_LR
 
 
-def load_split(args, split, manifest, features, feature_dim, return_frames=True, require_text=True, progress=True):
+def load_split(args, split, manifest, features, feature_dim, require_text=True, progress=True):
     """How2SignDataset of one split as the flags ask (the one place training, --check and --predict build one)."""
-    return How2SignDataset(manifest, features, feature_dim=feature_dim, split=split, return_frames=return_frames,
+    return How2SignDataset(manifest, features, feature_dim=feature_dim, split=split,
                            require_text=require_text, trim_zero_frames=args.trim_zero_frames,
                            feature_fps=args.feature_fps, max_samples=args.max_samples, cache_dir=args.cache_dir,
                            progress=progress)
@@ -3016,8 +2940,7 @@ class Trainer:
         args = self.args
         datasets, skipped, width = {}, [], config.frame_width
         for split, manifest, features in data_splits(args):
-            dataset = load_split(args, split, manifest, features, width, config.frame_attention,
-                                 progress=self.world.is_main)
+            dataset = load_split(args, split, manifest, features, width, progress=self.world.is_main)
             width = width or dataset.feature_dim
             report_dataset(dataset, manifest)
             lost = dataset.lost_share()
@@ -3083,7 +3006,7 @@ class Trainer:
         global_batch = args.batch_size * self.world.size * args.grad_accum_steps
         logger.info(f"Training {args.epochs} epochs of {self.steps_per_epoch} steps on {self.device} "
                     f"({self.precision}, {self.world.size} process(es), global batch {global_batch}, "
-                    f"bridge '{self.config.bridge}' at learning rate {bridge_learning_rate(args):g}, decoder at "
+                    f"bridge at learning rate {bridge_learning_rate(args):g}, decoder at "
                     f"{args.learning_rate:g}, {count_trainable(self.raw_model):,} trainable parameters)")
         if args.patience and self.state.stale_evals >= args.patience:
             logger.info(f"This run stopped early after epoch {self.state.epoch} (validation {args.early_stopping_metric} "
@@ -3111,11 +3034,9 @@ class Trainer:
         return self.finish()
 
     def epoch_batches(self, epoch):
-        """This process's training batches of `epoch` (indices), grouped by clip length when frames are read."""
+        """This process's training batches of `epoch` (indices): clips of similar length (less padding)."""
         args = self.args
-        grouped = self.config.frame_attention       # batches of clips of similar length: less padding
-        return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world,
-                             self.train_set.lengths if grouped else None)
+        return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world, self.train_set.lengths)
 
     def train_epoch(self, epoch):
         args, state = self.args, self.state
@@ -3546,7 +3467,7 @@ def run_predict(args, given):
                 for name in DECODING_DEFAULTS}
     precision = resolve_precision(args.precision, device)[0]
     dataset = load_split(args, "predict", args.manifest, args.features, model.config.frame_width,
-                         model.config.frame_attention, require_text=args.manifest is not None)
+                         require_text=args.manifest is not None)
     report_dataset(dataset, args.manifest or args.features)
     batches = length_sorted_batches(dataset, range(len(dataset)), args.eval_batch_size)
     if args.sweep:
@@ -4046,12 +3967,8 @@ def validate_args(args):
     if args.frame_kernel < args.frame_stride:
         problems.append(f"--frame_kernel {args.frame_kernel} must be at least --frame_stride {args.frame_stride} "
                         "(frames between windows would be skipped)")
-    if args.sonar_checkpoint is None and not args.frame_attention:
-        problems.append("--sonar_checkpoint none reads the frames alone: it needs the frame path (drop --no-frame_attention)")
     if args.sonar_checkpoint is None and not args.freeze_encoder:
         problems.append("--no-freeze_encoder with --sonar_checkpoint none: there is no sentence encoder to train")
-    if args.freeze_t5 and args.lora_rank:
-        problems.append("--freeze_t5 and --lora_rank: LoRA already keeps the base frozen; use one of them")
     if args.lora_rank and not args.check and not args.predict and importlib.util.find_spec("peft") is None:
         problems.append("--lora_rank needs the peft package: pip install peft")
     if not args.check and not args.predict and not args.compare:

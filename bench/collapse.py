@@ -1,7 +1,10 @@
-"""Mode-collapse reproduction: the guide's bridge vs ours on the demo data, same step budget.
+"""Mode collapse on the demo data: the default model and one change to it each, same step budget.
 
     python bench/collapse.py                      # 30 epochs each, ~10 minutes on 2 CPU cores
-    python bench/collapse.py --epochs 10 --configs guide,default,greedy
+    python bench/collapse.py --epochs 10 --configs default,greedy
+
+The guide's own bridge (queries over ONE key), its troubleshooting steps and the embedding-only model were
+measured here until 2026-12-07, when they were retired (their numbers: docs/benchmarks/collapse.md).
 
 Data: `--demo`'s generated How2Sign-shaped set (2,200 train / 200 val sentences, features built
 from per-word "signs" on a large shared component, so the frozen encoder's embeddings of different
@@ -24,15 +27,8 @@ import torch  # noqa: E402
 
 import train_sonar_with_t5 as tsw  # noqa: E402
 
-# The guide's model as written: its bridge over the pooled embedding only (no frames).
-GUIDE = ["--bridge", "guide", "--no-bridge_layernorm", "--no-frame_attention"]
-# The guide's bridge with its troubleshooting steps 1-3 (64 queries, depth 2, LayerNorm).
-GUIDE_TROUBLESHOOTING = ["--bridge", "guide", "--num_queries", "64", "--bridge_layers", "2", "--no-frame_attention"]
 CONFIGS = {
-    "guide": GUIDE,
-    "guide_troubleshooting": GUIDE_TROUBLESHOOTING,
     "default": [],
-    "embedding_only": ["--no-frame_attention"],     # the default before frames were
     # one change to the default each (the archive in docs/benchmarks/collapse.md measured these on an earlier
     # default, with bridges and flags since retired)
     "no_label_smoothing": ["--label_smoothing", "0"],
@@ -63,7 +59,7 @@ def run(name, out, epochs, extra):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="epochs per config (69 steps each)")
-    parser.add_argument("--configs", default="guide,default", help=f"comma-separated, from {sorted(CONFIGS)}")
+    parser.add_argument("--configs", default="default", help=f"comma-separated, from {sorted(CONFIGS)}")
     parser.add_argument("--out", default="bench/results/collapse", help="where runs and data go")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args, extra = parser.parse_known_args()

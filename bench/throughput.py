@@ -3,15 +3,15 @@
     python bench/throughput.py                                  # CPU: tiny and t5-small shapes
     python bench/throughput.py --device cuda --shapes t5-small  # GPU (bf16 autocast)
     python bench/throughput.py --frames --shapes tiny            # frames: from the frame store vs read each step
-    python bench/throughput.py --decoder_training --shapes t5-small   # full vs frozen vs LoRA: speed, memory, checkpoint
-    python bench/throughput.py --checkpoint_sizes                # frozen/LoRA checkpoints of real decoder shapes
+    python bench/throughput.py --decoder_training --shapes t5-small   # full vs LoRA: speed, memory, checkpoint
+    python bench/throughput.py --checkpoint_sizes                # LoRA checkpoints of real decoder shapes
     python bench/throughput.py --shapes t5-small --extra "--frame_memory_layers 2"   # a candidate's flags for ours
     python bench/throughput.py --flops_by_module --shapes t5-small   # where our forward pass's FLOPs go
     python bench/throughput.py --long_clips --shapes t5-small    # Tarres-shaped clips (100-700, 1024) by stride
 
 Same process, same generated How2Sign-shaped clips ((T, 256) float32 .npy files, T in 60..300), same
-real-English targets, same batch size. Ours with and without frames each run two epochs and keep their
-best rate (the frame step cost compares these); in a third epoch of ours bare T5 takes a step after each
+real-English targets, same batch size. Ours runs two epochs and keeps its best rate (without frames, retired
+on 2026-12-07, was a column until then); in a third epoch of ours bare T5 takes a step after each
 of ours, on the same batch, and the overhead is bare's rate over ours in that epoch (pairs see the same
 machine: its speed drifts by 10% and more over minutes, which made best-of-two runs of bare and ours
 differ by that much between runs; interleaved, both run a little slower than alone). The median of the
@@ -19,7 +19,7 @@ pairs' ratios is printed beside it, and the FLOP ratio (ours over bare, a forwar
 batch timed in that epoch, summed; counted by torch's FlopCounterMode after the timing), which does not move
 with the machine.
   ours      Trainer.train_epoch of train_sonar_with_t5.py as users run it, default flags (frames read by
-            T5 and the bridge, from the frame store; `without frames`: --no-frame_attention; cached frozen-encoder
+            T5 and the bridge, from the frame store; cached frozen-encoder
             embeddings, targets tokenised once, dynamic padding, default bridge, label smoothing,
             clipping, scheduler). Timed by its optimizer steps.
   bare      T5 forward + backward + AdamW alone, on the same label batches, inputs_embeds as long as
@@ -29,7 +29,7 @@ with the machine.
   seed      our re-implementation of the original script's per-step work, from its description:
             each clip file read every step, padded to 300 frames, the frozen encoder run on the
             padded batch, targets tokenised every step with padding="max_length" (128) and pad ids
-            kept as labels, the guide's bridge, fp32. `seed_longest` is the same with targets padded
+            kept as labels, our bridge over the embedding alone (the guide's was retired), fp32. `seed_longest` is the same with targets padded
             only to the batch's longest (in case the original did that): both are reported.
 Evaluation: the whole validation set, beam 4, every sentence decoded to exactly 64 tokens (how long an
 untrained model's sentences are is chance). MFU: bare's mean FLOPs per step (counted with torch's FlopCounterMode) x our steps/s, over a matmul peak
@@ -130,8 +130,7 @@ def batch_shapes(trainer, batches):
     cross-attention reads besides the encoder's output), queries and frame tokens as ours sends them."""
     args = trainer.args
     labels = [tsw.collate_clips([trainer.train_set[i] for i in b])["labels"] for b in batches]
-    stride = args.frame_stride if args.frame_attention else None
-    frames = [-(-int(trainer.train_set.lengths[b].max()) // stride) if stride else 0 for b in batches]
+    frames = [-(-int(trainer.train_set.lengths[b].max()) // args.frame_stride) for b in batches]
     if trainer.raw_model.bridge.frame_memory is not None:
         return labels, [(args.num_queries, count) for count in frames]
     return labels, [(args.num_queries + count, 0) for count in frames]
@@ -280,8 +279,7 @@ class SeedClips(Dataset):
 
 
 def measure_seed(root, shape, device, steps, padding):
-    model = tsw.SONARwithT5(root / "encoder.pt", str(root / "t5"), device=device, bridge="guide",
-                            bridge_layernorm=False)
+    model = tsw.SONARwithT5(root / "encoder.pt", str(root / "t5"), device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)  # as the original
     loader = DataLoader(SeedClips(root / "train.tsv", root / "features"), batch_size=shape["batch"], shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -292,7 +290,8 @@ def measure_seed(root, shape, device, steps, padding):
             break
         features = features.to(device)
         embedding = model.sonar_encoder(features.mean(dim=1))   # mean over all 300 frames, padding too
-        inputs_embeds = model.bridge(embedding)
+        no_frames = embedding.new_zeros(len(embedding), 0, model.expander.shape[1])
+        inputs_embeds = model.bridge(embedding, no_frames, torch.zeros(no_frames.shape[:2], dtype=torch.bool, device=device))
         encoded = model.tokenizer(list(texts), padding=padding, max_length=SEED_TARGET_LENGTH, truncation=True,
                                   return_tensors="pt")
         labels = encoded["input_ids"].to(device)               # pad ids kept as labels, as the original did
@@ -346,8 +345,8 @@ def matmul_peak(device):
     return best
 
 
-DECODER_TRAINING = {"full": [], "frozen": ["--freeze_t5"],
-                    "frozen_checkpointing": ["--freeze_t5", "--gradient_checkpointing"], "lora_r8": ["--lora_rank", "8"]}
+DECODER_TRAINING = {"full": [], "lora_r8": ["--lora_rank", "8"],
+                    "lora_r8_checkpointing": ["--lora_rank", "8", "--gradient_checkpointing"]}
 CLIPS = {"default": dict(feature_dim=256, frames=(60, 300)),      # the clips of every other table here
          "tarres": dict(feature_dim=1024, frames=(100, 700))}     # Tarres et al.'s I3D release: a row per video frame
 FRAMES_ALONE = ["--sonar_checkpoint", "none"]
@@ -464,7 +463,7 @@ REAL_SHAPES = {   # configs of the hub models (sizes only: weights random), the 
 
 
 def checkpoint_sizes_table():
-    """best_model.pt of a frozen / LoRA decoder against the decoder's own weights, default bridge flags."""
+    """best_model.pt of a LoRA decoder against the decoder's own weights, default bridge flags."""
     from transformers import AutoConfig
 
     tokenizer = tsw.build_tokenizer(tsw.demo_sentences(200, np.random.default_rng(0)))
@@ -473,7 +472,7 @@ def checkpoint_sizes_table():
         torch.manual_seed(0)
         decoder = tsw.decoder_from_config(json.loads(AutoConfig.for_model(model_type, **config).to_json_string()))
         decoder_mb = sum(p.numel() * p.element_size() for p in decoder.parameters()) / 2 ** 20
-        for mode, options in (("frozen", dict(freeze_t5=True)), ("lora_r8", dict(lora_rank=8))):
+        for mode, options in (("lora_r8", dict(lora_rank=8)),):
             model = tsw.SONARwithT5(None, name, device="cpu", decoder=tsw.copy.deepcopy(decoder), tokenizer=tokenizer,
                                     encoder_dims=(768, 512, 512, 1024), feature_dim=768, **options)
             with tempfile.NamedTemporaryFile() as f:
@@ -497,12 +496,12 @@ def main():
     parser.add_argument("--read_delay_ms", type=float, default=20,
                         help="--frames: also measure reads delayed this much (a network drive)")
     parser.add_argument("--decoder_training", action="store_true",
-                        help="instead: full fine-tuning vs frozen decoder (+ gradient checkpointing) vs LoRA")
+                        help="instead: full fine-tuning vs LoRA (+ gradient checkpointing)")
     parser.add_argument("--long_clips", action="store_true",
                         help="instead: Tarres-shaped clips (100-700 frames, 1024-d, frames alone) by frame stride, "
                              "beside the default step")
     parser.add_argument("--checkpoint_sizes", action="store_true",
-                        help="instead: checkpoint size of frozen / LoRA training on the hub models' shapes")
+                        help="instead: checkpoint size of LoRA training on the hub models' shapes")
     parser.add_argument("--seed_pipeline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the original per-step pipeline (--no-seed_pipeline: skip it)")
     parser.add_argument("--extra", default="", help="flags added to our default run (a candidate to compare)")
@@ -537,12 +536,10 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * (steps + WARMUP_STEPS))
-            # Ours (the default: frames) and ours without frames alternate twice and keep their best (the
-            # machine's speed drifts); bare T5 is timed step by step beside ours, on the same batches.
+            # Ours runs twice and keeps its best (the machine's speed drifts); bare T5 is timed step by step
+            # beside ours, on the same batches.
             ours, setup_s, trainer = measure_ours(root, shape, device, precision, *extra)
             eval_rate = time_evaluation(trainer, device)
-            embedding, _, embedding_trainer = measure_ours(root, shape, device, precision, "--no-frame_attention")
-            embedding_eval = time_evaluation(embedding_trainer, device)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
             labels, inputs = batch_shapes(trainer, trainer.epoch_batches(2))
             bare_t5 = BareT5(root, shape, device, precision)
@@ -550,8 +547,6 @@ def main():
             flops_ours, flops_bare = paired_flops(trainer, 2, bare_t5, labels, inputs)
             flops = flops_bare / (len(labels) - WARMUP_STEPS)                # bare's mean FLOPs per step
             eval_rate = max(eval_rate, time_evaluation(trainer, device))
-            embedding = max(embedding, time_epoch(embedding_trainer, 1, shape, device))
-            embedding_eval = max(embedding_eval, time_evaluation(embedding_trainer, device))
             seed = measure_seed(root, shape, device, len(labels), "max_length") if args.seed_pipeline else float("nan")
             seed_longest = (measure_seed(root, shape, device, len(labels), "longest") if args.seed_pipeline
                             else float("nan"))
@@ -559,8 +554,6 @@ def main():
             "train_samples_per_s": ours, "bare_samples_per_s": bare, "overhead": bare / paired_ours,
             "overhead_median_pair": median_ratio, "flops_ratio": flops_ours / flops_bare,
             "paired_train_samples_per_s": paired_ours,
-            "embedding_only_samples_per_s": embedding, "frame_step_cost": embedding / ours,
-            "embedding_only_eval_sentences_per_s": embedding_eval, "frame_eval_cost": embedding_eval / eval_rate,
             "t5_input_tokens_mean": sum(length for length, _ in inputs) / len(inputs),
             "cross_attention_extra_tokens_mean": sum(extra for _, extra in inputs) / len(inputs),
             "seed_pipeline_samples_per_s": seed, "seed_longest_samples_per_s": seed_longest,
@@ -569,15 +562,12 @@ def main():
             "mfu": flops * ours / shape["batch"] / peak, "flops_per_step": flops, "batch_size": shape["batch"],
             "timed_steps": len(labels) - WARMUP_STEPS, "precision": precision}
     print(f"\nmachine: {machine}; matmul peak {peak / 1e9:.0f} GFLOP/s; precision {precision}")
-    print("| shape | ours samples/s (frames) | without frames | frame step cost | bare T5, same inputs | overhead "
-          "(median pair) | FLOPs ours / bare | eval sentences/s (frames / without) | seed samples/s (max_length / longest) "
-          "| ours vs seed | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | ours samples/s | bare T5, same inputs | overhead (median pair) | FLOPs ours / bare | eval "
+          "sentences/s | seed samples/s (max_length / longest) | ours vs seed | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['train_samples_per_s']:.1f} | {r['embedding_only_samples_per_s']:.1f} | "
-              f"{r['frame_step_cost']:.2f}x | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} "
-              f"({r['overhead_median_pair']:.3f}) | {r['flops_ratio']:.3f} | "
-              f"{r['eval_sentences_per_s']:.1f} / {r['embedding_only_eval_sentences_per_s']:.1f} | "
+        print(f"| {name} | {r['train_samples_per_s']:.1f} | {r['bare_samples_per_s']:.1f} | {r['overhead']:.3f} "
+              f"({r['overhead_median_pair']:.3f}) | {r['flops_ratio']:.3f} | {r['eval_sentences_per_s']:.1f} | "
               f"{r['seed_pipeline_samples_per_s']:.1f} / {r['seed_longest_samples_per_s']:.1f} | "
               f"{r['speedup_vs_seed']:.2f}x / {r['speedup_vs_seed_longest']:.2f}x | {r['mfu']:.1%} |")
     primary = results[list(results)[-1]]

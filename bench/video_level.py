@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default="bench/results/video_level")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--extra", default="", help='flags added to every run, e.g. "--no-frame_attention"')
+    parser.add_argument("--extra", default="", help='flags added to every run, e.g. "--frame_stride 4"')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

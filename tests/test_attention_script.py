@@ -1,5 +1,6 @@
 """The guide's Cell 4 script, run as the guide runs it: `python test_attention_fix.py` in the project folder."""
 
+import shutil
 import subprocess
 import sys
 
@@ -23,10 +24,17 @@ def test_default_bridge_passes_every_check(project):
     assert result.stdout.count("PASS") == 9 and "FAIL" not in result.stdout
 
 
-def test_guide_bridge_fails_on_identical_query_positions(project):
-    result = run(project, "--bridge", "guide", "--no-frame_attention")   # the guide's model as written
-    assert result.returncode == 1
-    assert "FAIL  bridge outputs differ across query positions" in result.stdout
+def test_clips_that_are_all_alike_fail_the_across_clips_check(project):
+    rows = (project / "manifests/train.tsv").read_text().splitlines()
+    ids = [row.split("\t")[0] for row in rows[1:9]]
+    alike = project / "alike"
+    alike.mkdir()
+    for clip in ids:               # eight clips, each a copy of the first (a broken extractor)
+        shutil.copy(project / "features/train" / f"{ids[0]}.npy", alike / f"{clip}.npy")
+    result = run(project, "--features", "alike")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL  bridge outputs differ across clips" in result.stdout
+    assert "PASS  bridge outputs differ across query positions" in result.stdout
 
 
 def test_missing_checkpoint_is_one_line(project):

@@ -176,7 +176,7 @@ def test_predict_needs_only_the_checkpoint_and_reproduces_evaluation(trained, tm
 
 def test_resume_with_other_architecture_flags_is_refused(trained, capsys):
     root, out = trained
-    code = tsw.main(quick_flags(root, out, "--epochs", "3", "--resume", "--bridge", "guide"))
+    code = tsw.main(quick_flags(root, out, "--epochs", "3", "--resume", "--memory_tokens", "4"))
     assert code == 2
     assert "cannot resume from" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -212,7 +212,7 @@ def test_default_model_trains_and_predicts_from_frames(project):
     assert tsw.main(quick_flags(project, out, "--epochs", "1", "--eval_batch_size", "5")) == 0
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
     encoder = model.bridge.frame_encoder
-    assert model.config.frame_attention and encoder.stride == tsw.ModelConfig.frame_stride > 1
+    assert encoder.stride == tsw.ModelConfig.frame_stride > 1
     assert encoder.frame_projection.in_features == 64 * tsw.ModelConfig.frame_kernel   # a window of frames
     assert tsw.main(["--predict", "--checkpoint", str(out / "best_model.pt"), "--features",
                      str(project / "features/val"), "--device", "cpu"]) == 0

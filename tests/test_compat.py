@@ -227,8 +227,11 @@ def test_checkpoints_of_an_earlier_version_are_refused_in_one_line(project, tmp_
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--bridge", "memory"], "--bridge memory was retired: the default --bridge prefix_memory replaced it"),
-    (["--bridge=prefix"], "--bridge prefix was retired: the default --bridge prefix_memory replaced it"),
+    (["--bridge", "guide"], "--bridge was retired: the bridge is always prefix_memory (the guide's single-key bridge collapsed"),
+    (["--bridge=prefix"], "--bridge=prefix was retired: the bridge is always prefix_memory"),
+    (["--no-frame_attention"], "--no-frame_attention was retired: the model always reads the clip's frames"),
+    (["--no-bridge_layernorm"], "--no-bridge_layernorm was retired: the bridge's output is always LayerNorm-scaled"),
+    (["--freeze_t5"], "--freeze_t5 was retired: train LoRA adapters instead, which keep the base frozen: --lora_rank 8"),
     (["--frame_summary", "mean"], "--frame_summary was retired: frames alone always learn the attention summary"),
     (["--no-frame_store"], "--no-frame_store was retired: clips are always read once into the frame store"),
     (["--frame_cache_gb", "2"], "--frame_cache_gb was retired: clips are always read once into the frame store"),
@@ -245,8 +248,8 @@ def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, fla
     assert not (project / "run" / "train.log").exists()           # refused before anything starts
 
 
-@pytest.mark.parametrize("option, value", [("bridge", "memory"), ("bridge", "prefix"), ("frame_summary", "mean"),
-                                           ("frame_centering", True)])
+@pytest.mark.parametrize("option, value", [("bridge", "memory"), ("bridge", "guide"), ("frame_summary", "mean"),
+                                           ("frame_centering", True), ("frame_attention", False), ("freeze_t5", True)])
 def test_a_checkpoint_of_a_retired_option_is_refused_in_one_line(project, capsys, option, value):
     out = project / "run"
     assert tsw.main(quick_flags(project, out, "--epochs", "1")) == 0

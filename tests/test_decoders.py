@@ -146,18 +146,18 @@ def test_a_model_that_is_not_an_encoder_decoder_is_refused(project, tmp_path, ca
     assert "is a gpt2 model, not an encoder-decoder" in capsys.readouterr().out
 
 
-def test_frozen_decoder_checkpoints_hold_only_the_trained_parts(project, decoders, capsys):
-    out = project / "frozen"
-    flags = quick_flags(project, out, "--t5_model", decoders["nllb"], "--freeze_t5", "--gradient_checkpointing",
+def test_lora_decoder_checkpoints_hold_only_the_trained_parts(project, decoders, capsys):
+    out = project / "lora"
+    flags = quick_flags(project, out, "--t5_model", decoders["nllb"], "--lora_rank", "4", "--gradient_checkpointing",
                         "--report_to", "none")
     assert run(*flags, "--epochs", "2") == 0
     before = weights(decoders["nllb"])
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
     assert model.config.prefix_width == tsw.ADAPTER_PREFIX_DIM == model.bridge.prefix_mlp[0].out_features
-    after = model.decoder_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)       # bit-identical after training
+    after = {k.replace(".base_layer", ""): v for k, v in model.decoder_model.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)   # base unchanged
     saved = torch.load(out / "best_model.pt")["model_state_dict"]
-    assert not any(k.startswith("decoder.") for k in saved)
+    assert all("lora_" in k for k in saved if k.startswith("decoder."))
     trained = sum(v.numel() * v.element_size() for k, v in saved.items() if torch.is_tensor(v))
     assert (out / "best_model.pt").stat().st_size < trained * 1.05 + 200_000    # no decoder weights in the file
     assert model.config.decoder_fingerprint == tsw.weights_fingerprint(tsw.load_decoder(decoders["nllb"])[0])
@@ -177,10 +177,10 @@ def test_frozen_decoder_checkpoints_hold_only_the_trained_parts(project, decoder
 
 
 def test_guide_cell7_rebuilds_any_decoder_from_its_checkpoint(project, decoders):
-    """Cell 7 builds a default (t5-small) model and loads best_model.pt: a frozen NLLB-style checkpoint
+    """Cell 7 builds a default (t5-small) model and loads best_model.pt: a LoRA NLLB-style checkpoint
     brings its decoder (by name) and its bridge width along."""
-    out = project / "frozen"
-    assert run(*quick_flags(project, out, "--t5_model", decoders["nllb"], "--freeze_t5", "--epochs", "1",
+    out = project / "lora"
+    assert run(*quick_flags(project, out, "--t5_model", decoders["nllb"], "--lora_rank", "4", "--epochs", "1",
                             "--report_to", "none")) == 0
     model = tsw.SONARwithT5(sonar_checkpoint="checkpoints/sonar_encoder_finetuned/best_encoder.pt", device="cpu")
     assert type(model.decoder_model).__name__ == "T5ForConditionalGeneration"
@@ -197,14 +197,14 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(project, decod
         torch.manual_seed(0)
         t5, tokenizer = tsw.load_decoder(decoders["bart"])
         model = tsw.SONARwithT5(None, "bart", device="cpu", decoder=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
-                                feature_dim=64, freeze_t5=True, gradient_checkpointing=checkpointing).train()
+                                feature_dim=64, lora_rank=4, gradient_checkpointing=checkpointing).train()
         assert model.decoder_model.model.encoder.gradient_checkpointing == checkpointing
         batch = model.batch_from_features(torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1)))
         batch["labels"] = model.labels_from_texts(["Cut the onion.", "Fold the paper twice."])
         torch.manual_seed(2)
         loss = model.loss(batch)[0]
         loss.backward()
-        assert all(p.grad is None for p in model.t5.parameters())
+        assert all(p.grad is None for name, p in model.t5.named_parameters() if "lora_" not in name)
         return loss.detach(), model.bridge.expander.grad.clone()
 
     plain, checkpointed = step(False), step(True)
@@ -251,15 +251,15 @@ def test_lora_without_peft_is_one_line(project, monkeypatch, capsys):
     assert not (project / "out" / "last.pt").exists()
 
 
-def test_torchrun_trains_a_frozen_nllb_style_decoder(project, decoders):
+def test_torchrun_trains_a_lora_nllb_style_decoder(project, decoders):
     out = project / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "train_sonar_with_t5.py"), *map(str, quick_flags(
-                   project, out, "--t5_model", decoders["nllb"], "--freeze_t5", "--epochs", "1", "--report_to", "none"))]
+                   project, out, "--t5_model", decoders["nllb"], "--lora_rank", "4", "--epochs", "1", "--report_to", "none"))]
     result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    assert not any(k.startswith("decoder.") for k in torch.load(out / "best_model.pt")["model_state_dict"])
+    assert all("lora_" in k for k in torch.load(out / "best_model.pt")["model_state_dict"] if k.startswith("decoder."))
     assert len(read_tsv(out / "best_predictions.tsv")) == 12
 
 

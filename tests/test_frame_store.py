@@ -111,7 +111,7 @@ def test_default_run_then_another_run_and_predict_open_no_clip_file(project, tmp
     assert tsw.main(quick_flags(project, first, "--epochs", "1", "--cache_dir", cache)) == 0
     assert len(opens) == 48 + 12 and set(opens.values()) == {1}   # every train and val clip read once
     config = tsw.SONARwithT5.from_checkpoint(first / "best_model.pt").config
-    assert config.frame_attention and config.frame_stride == tsw.ModelConfig.frame_stride
+    assert config.frame_stride == tsw.ModelConfig.frame_stride
     opens.clear()
     assert tsw.main(quick_flags(project, tmp_path / "second", "--epochs", "1", "--cache_dir", cache)) == 0
     assert sum(opens.values()) == 0
@@ -141,18 +141,18 @@ def test_a_default_model_loads_a_checkpoint_with_another_stride_and_prefix_width
 
 
 def test_a_default_model_rebuilds_the_bridge_its_checkpoint_records(project, tmp_path, capsys):
-    """The state dict carries the bridge's options: Cell 7's default model rebuilds a bridge of another kind,
-    depth, query count and head count (which no weight's shape tells) and predicts as the trained model;
+    """The state dict carries the bridge's options: Cell 7's default model rebuilds a bridge of another
+    depth, query count, memory size and head count (which no weight's shape tells) and predicts as the trained model;
     --resume refuses, in one line, a last.pt whose bridge is not the one its flags build."""
     out = tmp_path / "bridge"
-    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"), "--bridge", "guide",
+    flags = quick_flags(project, out, "--epochs", "1", "--cache_dir", str(tmp_path / "cache"),
                         "--num_heads", "2", "--num_queries", "12", "--memory_tokens", "3", "--bridge_layers", "2")
     assert tsw.main(flags) == 0
     state = torch.load(out / "best_model.pt")["model_state_dict"]
     model = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                             str(project / "t5-small"), device="cpu").eval()
     model.load_state_dict(state)
-    assert type(model.bridge).__name__ == "GuideBridge" and len(model.bridge.blocks) == 2
+    assert len(model.bridge.blocks) == 2 and model.bridge.memory_positions.shape[0] == 3
     assert model.attention_bridge.num_heads == 2 and model.expander.shape[0] == 12
     reference = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt").eval()
     assert model.config == reference.config
@@ -188,7 +188,7 @@ def test_frame_windows_follow_the_clip_and_ignore_padding():
 def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, tmp_path, layers):
     """T5's frame route: its encoder reads only the bridge's queries; the decoder's cross-attention reads its
     output and then the frame memory. A run trains, --predict reproduces its predictions, and Cell 7's model of
-    another depth (or without frames) rebuilds it from the state dict."""
+    another depth rebuilds it from the state dict."""
     out = tmp_path / "cross"
     route = ["--frame_memory_layers", str(layers)]
     assert tsw.main(quick_flags(project, out, "--epochs", "2", "--cache_dir", str(tmp_path / "cache"), *route)) == 0
@@ -216,7 +216,7 @@ def test_cross_attention_route_reads_frames_beside_the_encoder_output(project, t
                          for name in ("predictions.tsv", "best_predictions.tsv"))
     assert [(r["id"], r["prediction"]) for r in predictions] == [(r["id"], r["prediction"]) for r in best]
     state = torch.load(out / "best_model.pt")["model_state_dict"]
-    for built in (dict(frame_memory_layers=2 - layers), dict(frame_attention=False)):
+    for built in (dict(frame_memory_layers=2 - layers), dict(frame_memory_layers=layers + 2)):
         cell7 = tsw.SONARwithT5(str(project / "checkpoints/sonar_encoder_finetuned/best_encoder.pt"),
                                 str(project / "t5-small"), device="cpu", **built)
         cell7.load_state_dict(state)

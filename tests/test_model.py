@@ -48,14 +48,6 @@ def tiny_model(project_template, **options):
     return tsw.SONARwithT5(project_template["encoder"], device="cpu", decoder=t5, tokenizer=tokenizer, **options)
 
 
-def test_guide_bridge_gives_every_query_position_the_same_vector(project_template):
-    """The bug: attention over one key hands all 32 queries the same vector."""
-    model = tiny_model(project_template, bridge="guide", bridge_layernorm=False).eval()
-    tokens = model.bridge(torch.nn.functional.normalize(torch.randn(4, 1024), dim=-1))
-    assert tokens.shape == (4, 32, 128)
-    assert torch.allclose(tokens, tokens[:, :1].expand_as(tokens), atol=1e-5)
-
-
 def test_default_bridge_differs_across_positions_and_clips(project_template):
     model = tiny_model(project_template).eval()
     assert isinstance(model.attention_bridge, torch.nn.MultiheadAttention)
@@ -65,7 +57,8 @@ def test_default_bridge_differs_across_positions_and_clips(project_template):
     embeddings = torch.nn.functional.normalize(base + 0.1 * torch.randn(6, 1024) / 1024 ** 0.5, dim=-1)
     assert tsw.mean_pairwise_cosine(embeddings) > 0.98
     model.set_statistics(embeddings)
-    tokens = model.bridge(embeddings)
+    frames = torch.randn(1, 10, model.config.frame_width).expand(6, -1, -1)    # the same frames for every clip
+    tokens = model.bridge(embeddings, *model.bridge.frame_encoder(frames, torch.full((6,), 10)))
     rms = tokens.pow(2).mean().sqrt()
     assert tokens.std(dim=1).mean() / rms > 0.1      # query positions distinct
     assert tokens.std(dim=0).mean() / rms > 0.1      # clips distinct despite cosine 0.99
@@ -116,7 +109,7 @@ def test_tiny_model_overfits_a_handful_of_clips_to_distinct_correct_outputs(over
     assert len(set(predictions)) == 6
 
 
-def test_collapse_diagnosis_names_the_stage(overfit, project_template):
+def test_collapse_diagnosis_names_the_stage(overfit):
     model, dataset, batch, _ = overfit
     healthy = model.generate(batch, max_new_tokens=32)
     references = list(batch["text"])
@@ -126,12 +119,6 @@ def test_collapse_diagnosis_names_the_stage(overfit, project_template):
     # The same healthy bridge with collapsed predictions: the decoder is to blame.
     collapsed = tsw.collapse_diagnostics(model, dataset, [healthy[0]] * 6, references, max_clips=6)
     assert "DECODER" in tsw.diagnose_collapse(collapsed)
-    # The guide's bridge: identical query positions.
-    guide = tiny_model(project_template, bridge="guide", bridge_layernorm=False, frame_attention=False)   # the guide as written
-    dataset.sentence_embeddings = tsw.encode_dataset(guide, dataset)
-    stats = tsw.collapse_diagnostics(guide, dataset, ["same"] * 6, references, max_clips=6)
-    assert stats["bridge_spread_positions"] < 1e-4
-    assert "BRIDGE" in tsw.diagnose_collapse(stats)
     # An encoder that maps every clip to the same vector.
     dataset.sentence_embeddings = torch.nn.functional.normalize(torch.ones(len(dataset), 1024), dim=-1)
     stats = tsw.collapse_diagnostics(model, dataset, ["same"] * 6, references, max_clips=6)

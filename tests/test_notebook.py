@@ -39,7 +39,7 @@ def test_notebook_cells_run_in_order(project, capsys):
             ran.append("python")
     printed = capsys.readouterr().out
     assert ran.count("python") == 3                  # Cell 3, Cell 7, plots
-    assert ran.count("python train_sonar_with_t5.py") == 5   # check, quick test, full run, embedding-only, predict
+    assert ran.count("python train_sonar_with_t5.py") == 5   # check, quick test, full run, frames alone, predict
     assert len(skipped) == 4                         # Drive, pip, TensorBoard, download
     assert "✓ features/train (48 feature files)" in printed
     assert "Final Results:" in printed and printed.count("Ground Truth:") == 5
@@ -47,6 +47,6 @@ def test_notebook_cells_run_in_order(project, capsys):
     assert (project / "logs/train_attention_final.log").is_file()
     assert (project / "checkpoints/sonar_t5_attention_final/val_predictions.tsv").is_file()
     final = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_attention_final/best_model.pt")
-    assert final.config.frame_attention                                     # the guide's cells: frames
-    embedding = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_embedding_only/best_model.pt")
-    assert not embedding.config.frame_attention and embedding.bridge.frame_encoder is None
+    assert final.config.uses_encoder                                        # the guide's cells: encoder and frames
+    alone = tsw.SONARwithT5.from_checkpoint(project / "checkpoints/sonar_t5_frames_alone/best_model.pt")
+    assert not alone.config.uses_encoder and alone.frame_summary is not None

@@ -104,7 +104,7 @@ def test_training_on_a_video_level_manifest_stops_before_the_first_step(layouts,
 def test_training_predicting_and_frames_on_spans(layouts, tmp_path, capsys):
     _, root = layouts
     out = tmp_path / "spans"
-    flags = quick_flags(root, out, "--epochs", "2", "--feature_fps", str(FPS), "--frame_attention")
+    flags = quick_flags(root, out, "--epochs", "2", "--feature_fps", str(FPS))
     assert tsw.main(flags) == 0
     predictions = (out / "best_predictions.tsv").read_text().splitlines()[1:]
     assert len(predictions) == 15 and all("@" in row.split("\t")[0] for row in predictions)
