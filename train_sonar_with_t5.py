@@ -214,6 +214,8 @@ RETIRED = {   # replaced it)
                           "encoder's output for T5 and mT5, into the encoder for BART and M2M100 / NLLB-200"),
     "bleurt": (None, "it was never measured or tested here; score best_predictions.tsv or test_predictions.tsv with "
                      "BLEURT afterwards (docs/training.md shows how)"),
+    "max_eval_clips": (None, "every evaluation decodes every validation clip (a subset was never measured; evaluate less "
+                             "often with --eval_every N)"),
     "frame_centering": (None, "it lost on bench/quality.py (27.21 against 32.00 BLEU); pose clips are centred on the "
                               "shoulders when they are prepared"),
 }
@@ -1148,14 +1150,13 @@ class How2SignDataset(Dataset):
     default_cache_dir()): a later dataset of the same files (another run, --resume, --predict, each
     torchrun process) opens the store instead of any clip file. Each usable clip keeps in memory its
     mean frame (the encoder's first step is a mean over time) and its length; its frames are read from
-    the memory-mapped store when an item needs them (`return_frames`, the default: the default model
-    reads the frames). With `feature_fps`, files hold whole videos and every
+    the memory-mapped store when an item is read. With `feature_fps`, files hold whole videos and every
     manifest row is its own sample: its span of the video. Problem rows and clips are skipped and
     listed in `self.skipped`. Items are fixed-size, so PyTorch's default collate batches them.
     """
 
     def __init__(self, manifest, features_dir=None, max_samples=None, *, feature_dim=None, split="data",
-                 return_frames=None, trim_zero_frames=True, require_text=True,
+                 trim_zero_frames=True, require_text=True,
                  feature_fps=None, cache_dir=None, io_threads=8, progress=False):
         if manifest is not None and Path(manifest).is_dir() and (features_dir is None or Path(features_dir).is_file()):
             manifest, features_dir = features_dir, manifest   # the original (features_dir, manifest_path)
@@ -1163,7 +1164,6 @@ class How2SignDataset(Dataset):
             raise UserError(f"{features_dir} is a file, not a folder of clips: pass the folder that holds "
                             "<id>.npy / <id>.pt files")
         self.manifest, self.split = str(manifest or features_dir), split
-        self.return_frames = True if return_frames is None else bool(return_frames)   # the default model reads frames
         self.trim_zero_frames = trim_zero_frames
         self.feature_fps = feature_fps
         rows = read_manifest(manifest) if manifest is not None else rows_from_folder(features_dir)
@@ -1296,9 +1296,8 @@ class How2SignDataset(Dataset):
             item["sentence_embedding"] = self.sentence_embeddings[index]
         # Frames and labels are padded to the dataset's longest so default collate stacks them;
         # collate_clips trims them back to the batch's longest.
-        if self.return_frames:
-            frames = self.frames(index)
-            item["features"] = F.pad(frames, (0, 0, 0, self.max_frames - frames.shape[0]))
+        frames = self.frames(index)
+        item["features"] = F.pad(frames, (0, 0, 0, self.max_frames - frames.shape[0]))
         if self.label_ids is not None:
             item["labels"] = self.label_ids[index]
         return item
@@ -2518,10 +2517,7 @@ def original_batch(model, batch):
 
 
 def collate_fn(items):
-    """The original module's collate: {"video_ids", "features" (B, 300, D) zero-padded or cut, "texts"}.
-    Needs items with frames (How2SignDataset(features_dir, manifest) or return_frames=True)."""
-    if "features" not in items[0]:
-        raise UserError("collate_fn needs each clip's frames: build the dataset with return_frames=True")
+    """The original module's collate: {"video_ids", "features" (B, 300, D) zero-padded or cut, "texts"}."""
     frames = [item["features"][: int(item["length"])][:ORIGINAL_PAD_FRAMES] for item in items]
     return {"video_ids": [item["id"] for item in items], "texts": [item["text"] for item in items],
             "features": torch.stack([F.pad(f, (0, 0, 0, ORIGINAL_PAD_FRAMES - f.shape[0])) for f in frames])}
@@ -2871,7 +2867,7 @@ class Trainer:
         self.state = TrainState()
         self.metrics = []
         self.reporter = None
-        self.best_eval = None       # (predictions, loss, scores) of the best epoch, when it covered every clip
+        self.best_eval = None       # (predictions, loss, scores) of the best epoch in this process
         self.decoding = {name: getattr(args, name) for name in DECODING_DEFAULTS}   # tuned after training
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -3114,19 +3110,11 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def eval_indices(self, full):
-        indices = list(range(len(self.val_set)))
-        cap = self.args.max_eval_clips
-        if not full and cap and cap < len(indices):  # a fixed subset, the same every epoch
-            order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.args.seed))
-            indices = sorted(order[:cap].tolist())
-        return indices
-
-    def evaluate(self, full, dataset=None):
-        """Predictions over (a fixed subset of) the validation set, or over all of `dataset`, split across
-        processes and gathered: (predictions in dataset order, loss, scores, whether every clip was covered)."""
+    def evaluate(self, dataset=None):
+        """Predictions over every clip of the validation set (or of `dataset`), split across processes and
+        gathered: (predictions in dataset order, loss, scores)."""
         dataset = dataset or self.val_set
-        indices = self.eval_indices(full) if dataset is self.val_set else list(range(len(dataset)))
+        indices = list(range(len(dataset)))
         batches = length_sorted_batches(dataset, indices[self.world.rank:: self.world.size], self.args.eval_batch_size)
         part = translate(self.raw_model, clip_batches(dataset, batches),
                          generation_kwargs(self.decoding), self.precision, progress=self.world.is_main)
@@ -3134,10 +3122,10 @@ class Trainer:
         by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
         predictions = [by_index[i] for i in sorted(by_index)]
         loss = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
-        return predictions, loss, score_predictions(predictions), len(indices) == len(dataset)
+        return predictions, loss, score_predictions(predictions)
 
     def evaluate_epoch(self, epoch):
-        predictions, loss, scores, full = self.evaluate(full=False)
+        predictions, loss, scores = self.evaluate()
         diagnostics = collapse_diagnostics(self.raw_model, self.val_set, [p.prediction for p in predictions],
                                            [p.reference for p in predictions])
         record = {"val_loss": loss, **score_record(scores), "eval_clips": len(predictions), **diagnostics}
@@ -3148,14 +3136,13 @@ class Trainer:
         if improved:  # every process tracks the best; only the main one writes it
             self.state.best = {"epoch": epoch + 1, "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
                                "val_loss": loss}
-            self.best_eval = (predictions, loss, scores) if full else None
+            self.best_eval = (predictions, loss, scores)
         if self.world.is_main:
             self.report(epoch, record, scores, predictions, diagnostics)
             if improved:
                 atomic_torch_save(model_checkpoint(self.raw_model, self.args, epoch=epoch + 1,
                                                    val_bleu=scores["bleu"], val_loss=loss), self.out / "best_model.pt")
-                if full:
-                    write_best_predictions(self.out, predictions)
+                write_best_predictions(self.out, predictions)
                 logger.info(f"  new best (BLEU {scores['bleu']:.2f}): saved {self.out / 'best_model.pt'}")
         return record
 
@@ -3186,8 +3173,8 @@ class Trainer:
         best_path = self.out / "best_model.pt"
         self.world.barrier()
         load_model_state(self.raw_model, safe_torch_load(best_path, "best model")["model_state_dict"], best_path)
-        # Scores always cover every validation clip: re-evaluate unless the best epoch already did.
-        predictions, loss, scores = self.best_eval or self.evaluate(full=True)[:3]
+        # The best epoch's evaluation, or (the run resumed after it) the best model's again.
+        predictions, loss, scores = self.best_eval or self.evaluate()
         tuning = self.tune_decoding(scores)
         if tuning:
             predictions, scores = tuning.pop("predictions"), tuning.pop("scores")
@@ -3205,7 +3192,7 @@ class Trainer:
                    "sentence_encoder": list(self.config.encoder_dims) if self.config.uses_encoder else None,
                    "frames_alone": not self.config.uses_encoder, "decoding": self.decoding,
                    "decoding_tuning": tuning, "args": plain_args(self.args)}
-        test = self.evaluate(full=True, dataset=self.test_set)[:3] if self.test_set is not None else None
+        test = self.evaluate(self.test_set) if self.test_set is not None else None
         if test:
             results.update(score_record(test[2], "test"), test_loss=test[1], test_clips=len(test[0]))
         if self.world.is_main:
@@ -3864,8 +3851,6 @@ def build_parser():
 
     g = p.add_argument_group("evaluation and decoding")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    g.add_argument("--max_eval_clips", type=int, default=0,
-                   help="per-epoch evaluation on a fixed subset of N clips (0: all); final scores use all")
     g.add_argument("--eval_batch_size", type=int, default=64, help="clips per generation batch")
     d = DECODING_DEFAULTS
     g.add_argument("--num_beams", type=int, default=d["num_beams"], help="beam search width (1: greedy)")
@@ -3949,7 +3934,7 @@ RULES = {"at least 1": lambda v: v >= 1, "0 or more": lambda v: v >= 0, "positiv
 FLAG_RULES = {  # (ModelConfig's flags carry their own rule)
     **dict.fromkeys(("epochs", "batch_size", "grad_accum_steps", "eval_every", "eval_batch_size", "num_beams",
                      "max_new_tokens", "max_target_length", "max_bad_steps", "max_samples"), "at least 1"),
-    **dict.fromkeys(("warmup_steps", "max_eval_clips", "save_every_steps", "patience",
+    **dict.fromkeys(("warmup_steps", "save_every_steps", "patience",
                      "no_repeat_ngram_size", "early_stopping_threshold"), "0 or more"),
     **dict.fromkeys(("learning_rate", "encoder_lr_scale", "max_grad_norm", "repetition_penalty",
                      "length_penalty", "bridge_learning_rate", "feature_fps"), "positive"),

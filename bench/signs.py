@@ -175,8 +175,8 @@ SIGNERS = 12
 class Signing:
     """Every sign's two variants (3 poses each; letters 2), 12 signers, the extractor's fixed weights."""
 
-    def __init__(self, lexicon, rng):
-        self.rng = rng
+    def __init__(self, lexicon, rng, nuisance=1.0):
+        self.rng, self.nuisance_scale = rng, nuisance
         self.variants = {name: [rng.normal(size=(3, POSE_DIM)) for _ in range(2)] for name in lexicon.signs}
         self.variants.update({f"#{c}": [rng.normal(size=(2, POSE_DIM)) * 0.8] for c in lexicon.letters})
         self.rest = rng.normal(size=POSE_DIM) * 0.5
@@ -220,8 +220,9 @@ class Signing:
                                        kernel, mode="valid") for d in range(POSE_DIM)], axis=1)[::FEATURE_STEP]
         rows = len(smooth)
         drift = np.cumsum(rng.normal(size=(rows, 4)) * 0.05, axis=0) + 0.5 * rng.normal(size=4)   # a slow random walk
-        features = np.tanh(smooth @ self.w1) @ self.w2 + drift @ self.nuisance + self.constant
-        features += self.signers[signer]["shift"] + 0.1 * rng.normal(size=features.shape)
+        nuisance = (drift @ self.nuisance + self.signers[signer]["shift"]) * self.nuisance_scale
+        features = np.tanh(smooth @ self.w1) @ self.w2 + nuisance + self.constant
+        features += 0.1 * rng.normal(size=features.shape)
         return features.astype(np.float32)
 
 
@@ -235,8 +236,9 @@ def reference_sentences():
     return list(dict.fromkeys(sentences))
 
 
-def prepare(root):
-    """The clips, manifests (TSV id / duration / text) and gloss texts of every split, once."""
+def prepare(root, nuisance=1.0):
+    """The clips, manifests (TSV id / duration / text) and gloss texts of every split, once. `nuisance` scales
+    the extractor's shared walk and the signers' shifts (the glosses do not change with it)."""
     if (root / "READY").is_file():
         return json.loads((root / "READY").read_text())
     rng = np.random.default_rng(0)
@@ -246,8 +248,8 @@ def prepare(root):
     split_sentences = {name: chosen[a:b] for name, a, b in zip(SPLITS, bounds, bounds[1:])}
     ordered = {name: [asl_order(signed_words(s), rng) for s in texts] for name, texts in split_sentences.items()}
     lexicon = SignLexicon(ordered["train"], rng)
-    signing = Signing(lexicon, rng)
-    stats = {"sentences_found": len(sentences), "signs": len(lexicon.signs), "words_signed": len(lexicon.sign_of)}
+    signing = Signing(lexicon, rng, nuisance)
+    stats = {"nuisance": nuisance, "sentences_found": len(sentences), "signs": len(lexicon.signs), "words_signed": len(lexicon.sign_of)}
     for split, texts in split_sentences.items():
         folder = root / "features" / split
         folder.mkdir(parents=True, exist_ok=True)
@@ -280,8 +282,8 @@ def decoders(quality_root):
     return {row: quality_root / folder for row, folder in ROWS.items()}
 
 
-def run_frames(root, decoder, out, seed, extra):
-    m, f = root / "manifests", root / "features"
+def run_frames(root, decoder, out, seed, extra, lowercase=False):
+    m, f = (lowercased_manifests(root) if lowercase else root / "manifests"), root / "features"
     argv = ["--sonar_checkpoint", "none", "--train_features", str(f / "train"), "--train_manifest", str(m / "train.tsv"),
             "--val_features", str(f / "val"), "--val_manifest", str(m / "val.tsv"), "--test_features", str(f / "test"),
             "--test_manifest", str(m / "test.tsv"), "--t5_model", str(decoder), "--output_dir", str(out),
@@ -290,6 +292,45 @@ def run_frames(root, decoder, out, seed, extra):
     if tsw.main(argv) != 0:
         raise SystemExit(f"{out} failed")
     return json.loads((out / "results.json").read_text()), time.time() - started
+
+
+# -- a screen the tool has no flag for: lowercased targets, truecased output (Tarres et al., SSVP-SLT) -------------
+
+def lowercased_manifests(root):
+    """The manifests with every sentence lowercased (the model trains on and is picked by these)."""
+    folder = root / "manifests_lowercase"
+    folder.mkdir(exist_ok=True)
+    for split in SPLITS:
+        lines = (root / "manifests" / f"{split}.tsv").read_text().splitlines()
+        rows = [line.rsplit("\t", 1) for line in lines[1:]]
+        (folder / f"{split}.tsv").write_text("\n".join([lines[0]] + [f"{head}\t{text.lower()}" for head, text in rows]) + "\n")
+    return folder
+
+
+def truecaser(root):
+    """A word's commonest casing in the training sentences (a sentence's first word not counted), and the first
+    letter of a sentence capitalised: lowercased predictions -> cased ones."""
+    counts = {}
+    for line in (root / "manifests" / "train.tsv").read_text().splitlines()[1:]:
+        for word in line.rsplit("\t", 1)[1].split()[1:]:
+            counts.setdefault(word.lower(), Counter())[word] += 1
+
+    def case(sentence):
+        words = [counts[w].most_common(1)[0][0] if w in counts else w for w in sentence.split()]
+        text = " ".join(words)
+        return text[:1].upper() + text[1:]
+    return case
+
+
+def truecased_test_scores(root, out):
+    """The test split's predictions truecased and scored against the original (cased) references."""
+    case = truecaser(root)
+    rows = [line.split("\t") for line in (out / "test_predictions.tsv").read_text().splitlines()[1:]]
+    cased = {row[0]: row[1].rsplit("\t", 1)[1] for row in (line.split("\t", 1) for line in
+             (root / "manifests" / "test.tsv").read_text().splitlines()[1:])}
+    scores = tsw.corpus_scores([case(row[2]) for row in rows], [cased[row[0]] for row in rows])
+    return {"test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_repeat_4gram_share": scores["repeat_4gram_share"],
+            "test_length_ratio": scores["length_ratio"], "test_bleu_lowercased": None}
 
 
 def read_gloss_split(root, split):
@@ -366,20 +407,27 @@ def main():
     parser = quality.bench_parser(__doc__, ROWS, "bench/results/signs")
     parser.add_argument("--limits", choices=("yes", "none", "only"), default="yes",
                         help="also train each row's gloss-text limit (none: frames only; only: limits only)")
+    parser.add_argument("--nuisance", type=float, default=1.0,
+                        help="scale of the extractor's shared walk and the signers' shifts (1: six times the signs' variance)")
+    parser.add_argument("--lowercase", action="store_true",
+                        help="screen: train on lowercased sentences, truecase the test predictions, score them cased")
     parser.add_argument("--quality_out", default="bench/results/quality", help="bench/quality.py's --out (decoders)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out)
-    print(f"data: {json.dumps(prepare(root))}", flush=True)
+    print(f"data: {json.dumps(prepare(root, args.nuisance))}", flush=True)
     folders = decoders(Path(args.quality_out))
     extra = shlex.split(args.extra)
-    tag = args.tag or (re.sub(r"[^\w.=-]+", "_", args.extra).strip("_") or "defaults")
+    tag = args.tag or (re.sub(r"[^\w.=-]+", "_", args.extra).strip("_") or "defaults") + ("_lowercase" if args.lowercase else "")
     records = []
     for row in args.rows.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             record = {"row": row, "seed": seed, "extra": args.extra}
             if args.limits != "only":
-                results, seconds = run_frames(root, folders[row], root / "runs" / tag / f"{row}-seed{seed}", seed, extra)
+                out = root / "runs" / tag / f"{row}-seed{seed}"
+                results, seconds = run_frames(root, folders[row], out, seed, extra, args.lowercase)
+                if args.lowercase:
+                    results = {**results, **truecased_test_scores(root, out), "test_bleu_lowercased": results["test_bleu"]}
                 record.update({key: results.get(key) for key in (
                     "test_bleu", "test_chrf", "test_repeat_4gram_share", "test_length_ratio", "val_bleu",
                     "val_repeat_4gram_share", "best_epoch")}, decoding=results.get("decoding"), seconds=round(seconds))

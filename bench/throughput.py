@@ -150,7 +150,7 @@ def time_evaluation(trainer, device):
     try:
         sync(device)
         started = time.perf_counter()
-        trainer.evaluate(full=True)
+        trainer.evaluate()
         sync(device)
     finally:
         tsw.generation_kwargs = settings

@@ -231,13 +231,3 @@ def test_unfrozen_encoder_trains_at_a_lower_rate(project):
     last = torch.load(out / "last.pt")["optimizer_state_dict"]["param_groups"]
     # encoder at learning_rate x 0.1, T5 at learning_rate, the bridge at its own default rate
     assert sorted(group["initial_lr"] for group in last) == pytest.approx([1e-4, 1e-3, tsw.DEFAULT_BRIDGE_LR])
-
-
-def test_capped_per_epoch_evaluation_keeps_final_scores_on_every_clip(project):
-    out = project / "capped"
-    assert tsw.main(quick_flags(project, out, "--epochs", "2", "--max_eval_clips", "5")) == 0
-    metrics = tsw.read_jsonl(out / "metrics.jsonl")
-    assert [m["eval_clips"] for m in metrics] == [5, 5]
-    results = json.loads((out / "results.json").read_text())
-    assert results["val_clips"] == 12
-    assert len((out / "best_predictions.tsv").read_text().splitlines()) == 13

@@ -26,7 +26,7 @@ def test_original_forward_signatures(project_template):
     torch.manual_seed(0)          # an untrained model: whether its sentences are empty depends on its weights
     model = demo_model(project_template)
     dataset = tsw.How2SignDataset(project_template["root"] / "manifests/val.tsv",
-                                  project_template["root"] / "features/val", return_frames=True)
+                                  project_template["root"] / "features/val")
     frames = [dataset.frames(i) for i in range(4)]
     texts = dataset.texts[:4]
     padded = torch.stack([F.pad(f, (0, 0, 0, 300 - len(f))) for f in frames])     # the original collate
@@ -241,6 +241,7 @@ def test_checkpoints_of_an_earlier_version_are_refused_in_one_line(project, tmp_
     (["--num_workers", "2"], "--num_workers was retired: items come from the memory-mapped frame store"),
     (["--no-group_by_length"], "--no-group_by_length was retired: training batches are always of clips of similar length"),
     (["--bleurt", "lucadiliello/BLEURT-20-D12"], "--bleurt was retired: it was never measured or tested here"),
+    (["--max_eval_clips", "100"], "--max_eval_clips was retired: every evaluation decodes every validation clip"),
 ])
 def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, flags, says):
     assert tsw.main(quick_flags(project, project / "run", "--epochs", "1", *flags)) == 2

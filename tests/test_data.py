@@ -56,7 +56,7 @@ def test_unknown_manifest_header_is_one_clear_error(tmp_path, clips):
 def test_items_batch_with_default_collate_and_padding_stays_out_of_the_mean(tmp_path, clips):
     (tmp_path / "m.tsv").write_text("id\tduration\ttext\n" + "".join(
         f"clip{i}\t1.0\t{t}\n" for i, t in enumerate(TEXTS)))
-    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features", return_frames=True)
+    dataset = tsw.How2SignDataset(tmp_path / "m.tsv", tmp_path / "features")
     batch = next(iter(DataLoader(dataset, batch_size=3, shuffle=False)))   # no collate_fn: Cell 7
     assert batch["features"].shape == (3, 7, 8)
     assert batch["id"] == ["clip0", "clip1", "clip2"]
