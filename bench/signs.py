@@ -3,6 +3,9 @@
     python bench/signs.py                                    # both rows and their gloss-text limits, seeds 1 and 2
     python bench/signs.py --rows random --seeds 1 --extra "--label_smoothing 0.2"   # one screen, same data
     python bench/signs.py --limits none --rows random,pretrained                     # the frames' rows only
+    python bench/signs.py --nuisance 0.4 --out bench/results/signs_n0.4              # the walk at the signs' variance
+    python bench/signs.py --probe --nuisance 0.4      # how readable the signs are, given their time spans
+    python bench/signs.py --rows random --seeds 1 --lowercase   # screen: lowercased targets, truecased output
 
 bench/quality.py makes one sign per English word, in English order, from a few clean frames: a model that reads
 words off the frames scores 30-40 BLEU there. Here the clips are made from facts of ASL and of video features:
@@ -19,8 +22,8 @@ words off the frames scores 30-40 BLEU there. Here the clips are made from facts
              neighbouring signs blend into each other (co-articulation); clips begin and end at rest; 12 signers,
              each with their own speed, size, style (a linear distortion) and position; then an extractor:
              30 poses/s smoothed over 8 (a 0.27 s window), 15 rows/s kept, a fixed random network to 512-d, plus
-             a slow random walk along 4 directions shared by every clip and a shift per signer (together about
-             six times the signs' own variance) and noise.
+             a slow random walk along 4 directions shared by every clip and a shift per signer (together 5.88
+             times the signs' own variance; --nuisance scales both: 0.4 gives 0.94 times) and noise.
   decoders   bench/quality.py's tiny T5 (d_model 128, 2+2 layers, its tokenizer), random (`random`) or pretrained
              there on Python's docstrings (`pretrained`): built under its --out when missing.
 
@@ -190,9 +193,10 @@ class Signing:
         self.constant = rng.normal(size=FEATURE_DIM) * 3.0
 
     def poses(self, signs, signer):
-        """(T, POSE_DIM) poses at POSE_RATE: rest, each sign's poses with co-articulated transitions, rest."""
+        """(T, POSE_DIM) poses at POSE_RATE: rest, each sign's poses with co-articulated transitions, rest. Each
+        sign's (start, end) in seconds is kept in self.spans (for --probe)."""
         rng, s = self.rng, self.signers[signer]
-        times, anchors = [0.0], [self.rest]
+        times, anchors, self.spans = [0.0], [self.rest], []
         t = rng.uniform(0.3, 0.6)
         for sign in signs:
             variants = self.variants[sign]
@@ -202,6 +206,7 @@ class Signing:
             for k, pose in enumerate(poses):
                 times.append(t + duration * k / (len(poses) - 1))
                 anchors.append(pose + 0.15 * rng.normal(size=POSE_DIM))
+            self.spans.append((t, t + duration))
             t += duration
         t += rng.uniform(0.1, 0.2)
         times += [t, t + rng.uniform(0.3, 0.6)]
@@ -221,7 +226,9 @@ class Signing:
         rows = len(smooth)
         drift = np.cumsum(rng.normal(size=(rows, 4)) * 0.05, axis=0) + 0.5 * rng.normal(size=4)   # a slow random walk
         nuisance = (drift @ self.nuisance + self.signers[signer]["shift"]) * self.nuisance_scale
-        features = np.tanh(smooth @ self.w1) @ self.w2 + nuisance + self.constant
+        signal = np.tanh(smooth @ self.w1) @ self.w2
+        self.parts = (signal, nuisance)                               # (for --probe: their variances)
+        features = signal + nuisance + self.constant
         features += 0.1 * rng.normal(size=features.shape)
         return features.astype(np.float32)
 
@@ -236,11 +243,57 @@ def reference_sentences():
     return list(dict.fromkeys(sentences))
 
 
+def probe(nuisance, epochs=15):
+    """How readable the signs are when their time spans are known: a linear classifier of each sign from three
+    rows of its span (start, middle, end), trained on the training clips' signs, its accuracy on the held-out
+    clips' signs. The clips are bench's own (the same generator and seed as prepare)."""
+    rng = np.random.default_rng(0)
+    sentences = reference_sentences()
+    chosen = [sentences[i] for i in rng.permutation(len(sentences))[: sum(SPLITS.values())]]
+    ordered = [asl_order(signed_words(s), rng) for s in chosen]
+    lexicon = SignLexicon(ordered[: SPLITS["train"]], rng)
+    signing = Signing(lexicon, rng, nuisance)
+    names = {name: i for i, name in enumerate(lexicon.signs + [f"#{c}" for c in lexicon.letters])}
+    inputs, labels, train, parts = [], [], [], []
+    for i, words in enumerate(ordered):
+        signs = lexicon.gloss(words)
+        features = signing.features(signs, int(rng.integers(SIGNERS)))
+        parts.append(signing.parts)
+        for sign, (start, end) in zip(signs, signing.spans):
+            rows = features[int(start * POSE_RATE / FEATURE_STEP): int(np.ceil(end * POSE_RATE / FEATURE_STEP)) + 1]
+            inputs.append(np.concatenate([rows[0], rows[len(rows) // 2], rows[-1]]))
+            labels.append(names[sign])
+            train.append(i < SPLITS["train"])
+    x, y, train = torch.tensor(np.stack(inputs)), torch.tensor(labels), torch.tensor(train)
+    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+    torch.manual_seed(0)
+    classifier = torch.nn.Linear(x.shape[1], len(names))
+    optimizer = torch.optim.Adam(classifier.parameters(), 1e-3, weight_decay=1e-4)
+    seen = train.nonzero()[:, 0]
+    for _ in range(epochs):
+        for batch in seen[torch.randperm(len(seen))].split(256):
+            loss = torch.nn.functional.cross_entropy(classifier(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    held_out = (~train).nonzero()[:, 0]
+    with torch.no_grad():
+        right = (classifier(x[held_out]).argmax(1) == y[held_out]).float()
+    letter = torch.tensor([lexicon_name.startswith("#") for lexicon_name in
+                           (list(names)[label] for label in y[held_out].tolist())])
+    variance = [float(np.concatenate([p[k] for p in parts]).var(axis=0).sum()) for k in (0, 1)]
+    return {"nuisance": nuisance, "nuisance_variance_over_signs": round(variance[1] / variance[0], 2), "held_out_signs": len(held_out), "accuracy": round(right.mean().item(), 3),
+            "accuracy_signs": round(right[~letter].mean().item(), 3), "accuracy_letters": round(right[letter].mean().item(), 3)}
+
+
 def prepare(root, nuisance=1.0):
     """The clips, manifests (TSV id / duration / text) and gloss texts of every split, once. `nuisance` scales
     the extractor's shared walk and the signers' shifts (the glosses do not change with it)."""
     if (root / "READY").is_file():
-        return json.loads((root / "READY").read_text())
+        stats = json.loads((root / "READY").read_text())
+        if stats.get("nuisance", 1.0) != nuisance:
+            raise SystemExit(f"{root} holds clips made with --nuisance {stats.get('nuisance', 1.0):g}: give another --out")
+        return stats
     rng = np.random.default_rng(0)
     sentences = reference_sentences()
     chosen = [sentences[i] for i in rng.permutation(len(sentences))[: sum(SPLITS.values())]]
@@ -322,15 +375,18 @@ def truecaser(root):
     return case
 
 
-def truecased_test_scores(root, out):
-    """The test split's predictions truecased and scored against the original (cased) references."""
+def truecased_scores(root, out):
+    """The validation (best_predictions.tsv) and test predictions truecased and scored against the original (cased)
+    references: {"val_bleu", "test_bleu", ...}."""
     case = truecaser(root)
-    rows = [line.split("\t") for line in (out / "test_predictions.tsv").read_text().splitlines()[1:]]
-    cased = {row[0]: row[1].rsplit("\t", 1)[1] for row in (line.split("\t", 1) for line in
-             (root / "manifests" / "test.tsv").read_text().splitlines()[1:])}
-    scores = tsw.corpus_scores([case(row[2]) for row in rows], [cased[row[0]] for row in rows])
-    return {"test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_repeat_4gram_share": scores["repeat_4gram_share"],
-            "test_length_ratio": scores["length_ratio"], "test_bleu_lowercased": None}
+    scores = {}
+    for split, name in (("val", "best_predictions.tsv"), ("test", "test_predictions.tsv")):
+        cased = {row[0]: row[1].rsplit("\t", 1)[1] for row in (line.split("\t", 1) for line in
+                 (root / "manifests" / f"{split}.tsv").read_text().splitlines()[1:])}
+        rows = [line.split("\t") for line in (out / name).read_text().splitlines()[1:]]
+        result = tsw.corpus_scores([case(row[2]) for row in rows], [cased[row[0]] for row in rows])
+        scores.update({f"{split}_{key}": result[key] for key in ("bleu", "chrf", "repeat_4gram_share", "length_ratio")})
+    return scores
 
 
 def read_gloss_split(root, split):
@@ -409,11 +465,15 @@ def main():
                         help="also train each row's gloss-text limit (none: frames only; only: limits only)")
     parser.add_argument("--nuisance", type=float, default=1.0,
                         help="scale of the extractor's shared walk and the signers' shifts (1: six times the signs' variance)")
+    parser.add_argument("--probe", action="store_true",
+                        help="instead: how readable the signs are given their time spans (a linear classifier's accuracy)")
     parser.add_argument("--lowercase", action="store_true",
                         help="screen: train on lowercased sentences, truecase the test predictions, score them cased")
     parser.add_argument("--quality_out", default="bench/results/quality", help="bench/quality.py's --out (decoders)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe:
+        return print(json.dumps(probe(args.nuisance)))
     root = Path(args.out)
     print(f"data: {json.dumps(prepare(root, args.nuisance))}", flush=True)
     folders = decoders(Path(args.quality_out))
@@ -427,7 +487,7 @@ def main():
                 out = root / "runs" / tag / f"{row}-seed{seed}"
                 results, seconds = run_frames(root, folders[row], out, seed, extra, args.lowercase)
                 if args.lowercase:
-                    results = {**results, **truecased_test_scores(root, out), "test_bleu_lowercased": results["test_bleu"]}
+                    results = {**results, **truecased_scores(root, out), "test_bleu_lowercased": results["test_bleu"]}
                 record.update({key: results.get(key) for key in (
                     "test_bleu", "test_chrf", "test_repeat_4gram_share", "test_length_ratio", "val_bleu",
                     "val_repeat_4gram_share", "best_epoch")}, decoding=results.get("decoding"), seconds=round(seconds))
