@@ -243,16 +243,25 @@ def reference_sentences():
     return list(dict.fromkeys(sentences))
 
 
+def generator(nuisance):
+    """What prepare and probe draw from, in one order (so both make the same clips): the random generator, the
+    sentences found, each split's sentences and their signed words, the lexicon, the signing."""
+    rng = np.random.default_rng(0)
+    sentences = reference_sentences()
+    chosen = [sentences[i] for i in rng.permutation(len(sentences))[: sum(SPLITS.values())]]
+    bounds = np.cumsum([0, *SPLITS.values()])
+    split_sentences = {name: chosen[a:b] for name, a, b in zip(SPLITS, bounds, bounds[1:])}
+    ordered = {name: [asl_order(signed_words(s), rng) for s in texts] for name, texts in split_sentences.items()}
+    lexicon = SignLexicon(ordered["train"], rng)
+    return rng, sentences, split_sentences, ordered, lexicon, Signing(lexicon, rng, nuisance)
+
+
 def probe(nuisance, epochs=15):
     """How readable the signs are when their time spans are known: a linear classifier of each sign from three
     rows of its span (start, middle, end), trained on the training clips' signs, its accuracy on the held-out
     clips' signs. The clips are bench's own (the same generator and seed as prepare)."""
-    rng = np.random.default_rng(0)
-    sentences = reference_sentences()
-    chosen = [sentences[i] for i in rng.permutation(len(sentences))[: sum(SPLITS.values())]]
-    ordered = [asl_order(signed_words(s), rng) for s in chosen]
-    lexicon = SignLexicon(ordered[: SPLITS["train"]], rng)
-    signing = Signing(lexicon, rng, nuisance)
+    rng, sentences, split_sentences, ordered, lexicon, signing = generator(nuisance)
+    ordered = [words for split in SPLITS for words in ordered[split]]
     names = {name: i for i, name in enumerate(lexicon.signs + [f"#{c}" for c in lexicon.letters])}
     inputs, labels, train, parts = [], [], [], []
     for i, words in enumerate(ordered):
@@ -294,14 +303,7 @@ def prepare(root, nuisance=1.0):
         if stats.get("nuisance", 1.0) != nuisance:
             raise SystemExit(f"{root} holds clips made with --nuisance {stats.get('nuisance', 1.0):g}: give another --out")
         return stats
-    rng = np.random.default_rng(0)
-    sentences = reference_sentences()
-    chosen = [sentences[i] for i in rng.permutation(len(sentences))[: sum(SPLITS.values())]]
-    bounds = np.cumsum([0, *SPLITS.values()])
-    split_sentences = {name: chosen[a:b] for name, a, b in zip(SPLITS, bounds, bounds[1:])}
-    ordered = {name: [asl_order(signed_words(s), rng) for s in texts] for name, texts in split_sentences.items()}
-    lexicon = SignLexicon(ordered["train"], rng)
-    signing = Signing(lexicon, rng, nuisance)
+    rng, sentences, split_sentences, ordered, lexicon, signing = generator(nuisance)
     stats = {"nuisance": nuisance, "sentences_found": len(sentences), "signs": len(lexicon.signs), "words_signed": len(lexicon.sign_of)}
     for split, texts in split_sentences.items():
         folder = root / "features" / split
@@ -468,7 +470,7 @@ def main():
     parser.add_argument("--probe", action="store_true",
                         help="instead: how readable the signs are given their time spans (a linear classifier's accuracy)")
     parser.add_argument("--lowercase", action="store_true",
-                        help="screen: train on lowercased sentences, truecase the test predictions, score them cased")
+                        help="screen: train on lowercased sentences, truecase the validation and test predictions, score them cased")
     parser.add_argument("--quality_out", default="bench/results/quality", help="bench/quality.py's --out (decoders)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
