@@ -111,6 +111,10 @@ class ModelConfig:
     frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
     frame_memory_layers: int = flag(1, "frames", "T5 and mT5 decoders: self-attention layers over the frame tokens, which "
                                     "go beside the encoder's output", "0 or more")
+    word_loss: float = flag(0.0, "frames", "weight of the word-spotting loss (training only; 0: off): the frame tokens, as "
+                            "the decoder reads them, learn which of the batch's target words their clip's sentence "
+                            "holds, in any order (WordSpotter; bench/signs.py); the training loss shown includes it",
+                            "0 or more")
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
                          "name or local folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
                          "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
@@ -1585,12 +1589,38 @@ class Bridge(nn.Module):
         return self.output_norm(queries) * self.output_scale
 
 
+class WordSpotter(nn.Module):
+    """--word_loss: sentences alone teach slowly where in a clip its signs are; this tells the frame tokens
+    which words their clip's sentence holds, in any order (pseudo-glosses from the text, as in gloss-free
+    sign-language translation), without glosses. Each frame token, as the decoder reads it, is scored
+    against the decoder's (detached) embedding of every target token in the batch; a clip's score for a word
+    is its best frame token's; a binary cross-entropy (per target word of the batch) says whether the word is
+    in the clip's sentence. Training only."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.projection = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
+        self.bias = nn.Parameter(torch.tensor(-2.0))
+
+    def scores(self, frames, padding, embeddings):   # (B, T, d), (B, T) True at padding, (W, d) -> logits (B, W)
+        scores = self.projection(frames.float()) @ F.normalize(embeddings.detach().float(), dim=-1).T
+        return scores.masked_fill(padding[..., None], float("-inf")).amax(dim=1) + self.bias
+
+    def forward(self, frames, padding, labels, embeddings, special_ids):  # ..., (B, L) target ids, (V, d)
+        words = labels.unique()
+        words = words[~torch.isin(words, torch.tensor([-100, *special_ids], device=words.device))]
+        present = (labels[:, :, None] == words).any(dim=1).float()                           # (B, W)
+        scores = self.scores(frames, padding, embeddings[words])
+        return F.binary_cross_entropy_with_logits(scores, present, reduction="sum") / present.sum().clamp(min=1)
+
+
 def make_bridge(config, embed_dim, decoder):
     """The bridge `config` describes, its output at the decoder's embedding scale; on the cross_attention
     route with a frame memory at the scale of the decoder encoder's output."""
     bridge = Bridge(config, embed_dim, embedding_scale(decoder.seq2seq))
     if config.route == "cross_attention":
         bridge.frame_memory = FrameMemory(config, encoder_output_scale(decoder.seq2seq))
+    bridge.word_spotter = WordSpotter(config.d_model) if config.word_loss else None
     return bridge
 
 
@@ -1930,6 +1960,11 @@ class DecoderAdapter(nn.Module):
             ids = ids.masked_fill(ids == self.target_lang_id, self.tokenizer.pad_token_id)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    @property
+    def special_ids(self):
+        """The tokenizer's special tokens (</s>, <pad>, language codes): not words."""
+        return [*self.tokenizer.all_special_ids, *([self.target_lang_id] if self.target_lang_id is not None else [])]
+
     def target_ids(self, texts, max_length=None):
         """Token ids of target sentences (lists, unpadded): the tokenizer's, or for a multilingual decoder
         the target-language code, the sentence and </s> (as NLLB's and mBART-50's tokenizers lay out targets)."""
@@ -2168,10 +2203,16 @@ class SONARwithT5(nn.Module):
         return self.loss(batch, label_smoothing)
 
     def loss(self, batch, label_smoothing=0.0):
-        """(loss, target tokens) of a batch; label smoothing only in training mode."""
+        """(loss, target tokens) of a batch; label smoothing and the word-spotting loss only in training mode."""
         memory, mask = self.decoder_memory(batch)
-        return self.decoder.loss(memory, mask, batch["labels"].to(self.device),
-                                 label_smoothing if self.training else 0.0)
+        labels = batch["labels"].to(self.device)
+        loss, tokens = self.decoder.loss(memory, mask, labels, label_smoothing if self.training else 0.0)
+        if self.training and self.bridge.word_spotter is not None:   # the frame tokens follow the bridge's Q
+            queries = self.config.num_queries
+            loss = loss + self.config.word_loss * self.bridge.word_spotter(
+                memory[:, queries:], mask[:, queries:] == 0, labels, self.decoder.seq2seq.get_input_embeddings().weight,
+                self.decoder.special_ids)
+        return loss, tokens
 
     @torch.no_grad()
     def generate(self, batch, **gen_kwargs):

@@ -191,3 +191,42 @@ def test_training_batches_group_clips_of_similar_length():
                                lengths) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1])
     assert sorted(i for batches in ranks for b in batches for i in b) == list(range(1000))
+
+
+def test_word_loss_teaches_the_frame_tokens_which_words_their_clip_holds(project_template):
+    """--word_loss: trained with it, the frame tokens score their clip's own words above the batch's other
+    words; the evaluation loss does not use it; the default model has no spotter and loads a checkpoint that has
+    one (the guide's Cell 7 builds a default model and loads best_model.pt into it)."""
+    default = tiny_model(project_template)
+    assert default.bridge.word_spotter is None
+    dataset = tsw.How2SignDataset(project_template["root"] / "manifests/train.tsv",
+                                  project_template["root"] / "features/train")
+    model = tiny_model(project_template, word_loss=1.0)
+    dataset.tokenize(model.tokenizer, 32)
+    batch = tsw.collate_clips([dataset[i] for i in range(12)])
+    model.set_statistics(tsw.encode_dataset(model, dataset))
+    spotter, labels = model.bridge.word_spotter, batch["labels"]
+
+    def ranking():   # the share of (clip's word, word it lacks) pairs that the spotter orders right
+        with torch.no_grad():
+            memory, mask = model.decoder_memory(batch)
+            words = labels[labels > 1].unique()          # not </s> (1), <pad> (0) or -100
+            scores = spotter.scores(memory[:, 32:], mask[:, 32:] == 0, model.decoder.seq2seq.shared.weight[words])
+            present = (labels[:, :, None] == words).any(dim=1)
+        pairs = [(s > t).float().mean() for row, has in zip(scores, present) for s in row[has] for t in row[~has]]
+        return float(torch.stack(pairs).mean())
+
+    model.eval()
+    evaluation_loss = model(batch)[0]
+    assert torch.equal(evaluation_loss, model.decoder.loss(*model.decoder_memory(batch), labels)[0])
+    before = ranking()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(60):
+        model.train()
+        model(batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert ranking() > max(0.9, before + 0.2)
+    default.load_state_dict(model.state_dict())
+    assert default.config.word_loss == 1.0 and torch.equal(default.bridge.word_spotter.bias, spotter.bias)
