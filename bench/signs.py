@@ -288,8 +288,8 @@ def probe(nuisance, epochs=15):
     held_out = (~train).nonzero()[:, 0]
     with torch.no_grad():
         right = (classifier(x[held_out]).argmax(1) == y[held_out]).float()
-    letter = torch.tensor([lexicon_name.startswith("#") for lexicon_name in
-                           (list(names)[label] for label in y[held_out].tolist())])
+    name_of = list(names)
+    letter = torch.tensor([name_of[label].startswith("#") for label in y[held_out].tolist()])
     variance = [float(np.concatenate([p[k] for p in parts]).var(axis=0).sum()) for k in (0, 1)]
     return {"nuisance": nuisance, "nuisance_variance_over_signs": round(variance[1] / variance[0], 2), "held_out_signs": len(held_out), "accuracy": round(right.mean().item(), 3),
             "accuracy_signs": round(right[~letter].mean().item(), 3), "accuracy_letters": round(right[letter].mean().item(), 3)}
