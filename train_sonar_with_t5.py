@@ -254,6 +254,7 @@ def retired_option(config_dict):
     return None
 
 
+WORD_LOSS_FADE = 0.5
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0)
@@ -1597,8 +1598,9 @@ class WordSpotter(nn.Module):
     is its best frame token's; a binary cross-entropy (per target word of the batch) says whether the word is
     in the clip's sentence. Training only."""
 
-    def __init__(self, d_model):
+    def __init__(self, d_model, weight):
         super().__init__()
+        self.weight = weight   # --word_loss; the trainer fades it (word_loss_weight)
         self.projection = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
         self.bias = nn.Parameter(torch.tensor(-2.0))
 
@@ -1620,7 +1622,7 @@ def make_bridge(config, embed_dim, decoder):
     bridge = Bridge(config, embed_dim, embedding_scale(decoder.seq2seq))
     if config.route == "cross_attention":
         bridge.frame_memory = FrameMemory(config, encoder_output_scale(decoder.seq2seq))
-    bridge.word_spotter = WordSpotter(config.d_model) if config.word_loss else None
+    bridge.word_spotter = WordSpotter(config.d_model, config.word_loss) if config.word_loss else None
     return bridge
 
 
@@ -2209,7 +2211,7 @@ class SONARwithT5(nn.Module):
         loss, tokens = self.decoder.loss(memory, mask, labels, label_smoothing if self.training else 0.0)
         if self.training and self.bridge.word_spotter is not None:   # the frame tokens follow the bridge's Q
             queries = self.config.num_queries
-            loss = loss + self.config.word_loss * self.bridge.word_spotter(
+            loss = loss + self.bridge.word_spotter.weight * self.bridge.word_spotter(
                 memory[:, queries:], mask[:, queries:] == 0, labels, self.decoder.seq2seq.get_input_embeddings().weight,
                 self.decoder.special_ids)
         return loss, tokens
@@ -2751,6 +2753,12 @@ def encode_dataset(model, dataset, batch_size=4096):
     return torch.cat(chunks)                                                  # (N, E)
 
 
+def word_loss_weight(word_loss, epoch, epochs):
+    """--word_loss at `epoch` (from 0): it falls linearly to 0 over the first WORD_LOSS_FADE of the epochs, so
+    the last ones train the translation alone (bench/signs.py, docs/benchmarks/quality.md)."""
+    return word_loss * max(0.0, 1 - epoch / (WORD_LOSS_FADE * epochs))
+
+
 def clip_gradients(parameters, max_norm):
     """Clip the total gradient norm to max_norm; returns the norm as a float.
 
@@ -3080,6 +3088,8 @@ class Trainer:
         batches = self.epoch_batches(epoch)
         loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], self.device)
         self.model.train()
+        if self.raw_model.bridge.word_spotter is not None:
+            self.raw_model.bridge.word_spotter.weight = word_loss_weight(self.raw_model.config.word_loss, epoch, args.epochs)
         bad_in_row = 0
         loss_sum = torch.tensor(state.loss_sum, device=self.device)
         token_sum = torch.tensor(state.token_sum, device=self.device)
