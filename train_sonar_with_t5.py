@@ -111,10 +111,6 @@ class ModelConfig:
     frame_kernel: int = flag(4, "frames", "consecutive frames that make one frame token (at least --frame_stride)", "at least 1")
     frame_memory_layers: int = flag(1, "frames", "T5 and mT5 decoders: self-attention layers over the frame tokens, which "
                                     "go beside the encoder's output", "0 or more")
-    word_loss: float = flag(0.0, "frames", "weight of the word-spotting loss (training only; 0: off): the frame tokens, as "
-                            "the decoder reads them, learn which of the batch's target words their clip's sentence "
-                            "holds, in any order (WordSpotter; bench/signs.py); the training loss shown includes it",
-                            "0 or more")
     t5_model: str = flag(DEFAULT_T5, "paths", "the decoder: any encoder-decoder model AutoModelForSeq2SeqLM loads, hub "
                          "name or local folder (t5-small, google/flan-t5-base, google/mt5-small, facebook/bart-base, "
                          "facebook/mbart-large-50, facebook/nllb-200-distilled-600M); the name is the guide's")
@@ -222,10 +218,12 @@ RETIRED = {   # replaced it)
                              "often with --eval_every N)"),
     "frame_centering": (None, "it lost on bench/quality.py (27.21 against 32.00 BLEU); pose clips are centred on the "
                               "shoulders when they are prepared"),
+    "word_loss": (None, "every form screened lost BLEU (up to 8.5) on bench/quality.py's word-per-sign "
+                        "rows (docs/benchmarks/quality.md)"),
 }
 KEPT_VALUES = {"frame_summary": ("attention",), "standardize": (True,), "prefix_dim": (None,),   # what checkpoints may hold
                "frame_centering": (False,), "bridge": ("prefix_memory",), "bridge_layernorm": (True,),
-               "frame_attention": (True,), "freeze_t5": (False,)}
+               "frame_attention": (True,), "freeze_t5": (False,), "word_loss": (0.0,)}
 
 
 def family_route(family):
@@ -254,7 +252,6 @@ def retired_option(config_dict):
     return None
 
 
-WORD_LOSS_FADE = 0.5
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0)
@@ -1590,39 +1587,12 @@ class Bridge(nn.Module):
         return self.output_norm(queries) * self.output_scale
 
 
-class WordSpotter(nn.Module):
-    """--word_loss: sentences alone teach slowly where in a clip its signs are; this tells the frame tokens
-    which words their clip's sentence holds, in any order (pseudo-glosses from the text, as in gloss-free
-    sign-language translation), without glosses. Each frame token, as the decoder reads it, is scored
-    against the decoder's (detached) embedding of every target token in the batch; a clip's score for a word
-    is its best frame token's; a binary cross-entropy (per target word of the batch) says whether the word is
-    in the clip's sentence. Training only."""
-
-    def __init__(self, d_model, weight):
-        super().__init__()
-        self.weight = weight   # --word_loss; the trainer fades it (word_loss_weight)
-        self.projection = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model))
-        self.bias = nn.Parameter(torch.tensor(-2.0))
-
-    def scores(self, frames, padding, embeddings):   # (B, T, d), (B, T) True at padding, (W, d) -> logits (B, W)
-        scores = self.projection(frames.float()) @ F.normalize(embeddings.detach().float(), dim=-1).T
-        return scores.masked_fill(padding[..., None], float("-inf")).amax(dim=1) + self.bias
-
-    def forward(self, frames, padding, labels, embeddings, special_ids):  # ..., (B, L) target ids, (V, d)
-        words = labels.unique()
-        words = words[~torch.isin(words, torch.tensor([-100, *special_ids], device=words.device))]
-        present = (labels[:, :, None] == words).any(dim=1).float()                           # (B, W)
-        scores = self.scores(frames, padding, embeddings[words])
-        return F.binary_cross_entropy_with_logits(scores, present, reduction="sum") / present.sum().clamp(min=1)
-
-
 def make_bridge(config, embed_dim, decoder):
     """The bridge `config` describes, its output at the decoder's embedding scale; on the cross_attention
     route with a frame memory at the scale of the decoder encoder's output."""
     bridge = Bridge(config, embed_dim, embedding_scale(decoder.seq2seq))
     if config.route == "cross_attention":
         bridge.frame_memory = FrameMemory(config, encoder_output_scale(decoder.seq2seq))
-    bridge.word_spotter = WordSpotter(config.d_model, config.word_loss) if config.word_loss else None
     return bridge
 
 
@@ -1962,11 +1932,6 @@ class DecoderAdapter(nn.Module):
             ids = ids.masked_fill(ids == self.target_lang_id, self.tokenizer.pad_token_id)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    @property
-    def special_ids(self):
-        """The tokenizer's special tokens (</s>, <pad>, language codes): not words."""
-        return [*self.tokenizer.all_special_ids, *([self.target_lang_id] if self.target_lang_id is not None else [])]
-
     def target_ids(self, texts, max_length=None):
         """Token ids of target sentences (lists, unpadded): the tokenizer's, or for a multilingual decoder
         the target-language code, the sentence and </s> (as NLLB's and mBART-50's tokenizers lay out targets)."""
@@ -2205,16 +2170,10 @@ class SONARwithT5(nn.Module):
         return self.loss(batch, label_smoothing)
 
     def loss(self, batch, label_smoothing=0.0):
-        """(loss, target tokens) of a batch; label smoothing and the word-spotting loss only in training mode."""
+        """(loss, target tokens) of a batch; label smoothing only in training mode."""
         memory, mask = self.decoder_memory(batch)
-        labels = batch["labels"].to(self.device)
-        loss, tokens = self.decoder.loss(memory, mask, labels, label_smoothing if self.training else 0.0)
-        if self.training and self.bridge.word_spotter is not None:   # the frame tokens follow the bridge's Q
-            queries = self.config.num_queries
-            loss = loss + self.bridge.word_spotter.weight * self.bridge.word_spotter(
-                memory[:, queries:], mask[:, queries:] == 0, labels, self.decoder.seq2seq.get_input_embeddings().weight,
-                self.decoder.special_ids)
-        return loss, tokens
+        return self.decoder.loss(memory, mask, batch["labels"].to(self.device),
+                                 label_smoothing if self.training else 0.0)
 
     @torch.no_grad()
     def generate(self, batch, **gen_kwargs):
@@ -2753,12 +2712,6 @@ def encode_dataset(model, dataset, batch_size=4096):
     return torch.cat(chunks)                                                  # (N, E)
 
 
-def word_loss_weight(word_loss, epoch, epochs):
-    """--word_loss at `epoch` (from 0): it falls linearly to 0 over the first WORD_LOSS_FADE of the epochs, so
-    the last ones train the translation alone (bench/signs.py, docs/benchmarks/quality.md)."""
-    return word_loss * max(0.0, 1 - epoch / (WORD_LOSS_FADE * epochs))
-
-
 def clip_gradients(parameters, max_norm):
     """Clip the total gradient norm to max_norm; returns the norm as a float.
 
@@ -3088,8 +3041,6 @@ class Trainer:
         batches = self.epoch_batches(epoch)
         loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], self.device)
         self.model.train()
-        if self.raw_model.bridge.word_spotter is not None:
-            self.raw_model.bridge.word_spotter.weight = word_loss_weight(self.raw_model.config.word_loss, epoch, args.epochs)
         bad_in_row = 0
         loss_sum = torch.tensor(state.loss_sum, device=self.device)
         token_sum = torch.tensor(state.token_sum, device=self.device)

@@ -242,6 +242,7 @@ def test_checkpoints_of_an_earlier_version_are_refused_in_one_line(project, tmp_
     (["--no-group_by_length"], "--no-group_by_length was retired: training batches are always of clips of similar length"),
     (["--bleurt", "lucadiliello/BLEURT-20-D12"], "--bleurt was retired: it was never measured or tested here"),
     (["--max_eval_clips", "100"], "--max_eval_clips was retired: every evaluation decodes every validation clip"),
+    (["--word_loss", "1.0"], "--word_loss was retired: every form screened lost BLEU (up to 8.5) on bench/quality.py's"),
 ])
 def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, flags, says):
     assert tsw.main(quick_flags(project, project / "run", "--epochs", "1", *flags)) == 2
@@ -250,7 +251,8 @@ def test_a_retired_flag_is_one_line_naming_what_replaced_it(project, capsys, fla
 
 
 @pytest.mark.parametrize("option, value", [("bridge", "memory"), ("bridge", "guide"), ("frame_summary", "mean"),
-                                           ("frame_centering", True), ("frame_attention", False), ("freeze_t5", True)])
+                                           ("frame_centering", True), ("frame_attention", False), ("freeze_t5", True),
+                                           ("word_loss", 1.0)])
 def test_a_checkpoint_of_a_retired_option_is_refused_in_one_line(project, capsys, option, value):
     out = project / "run"
     assert tsw.main(quick_flags(project, out, "--epochs", "1")) == 0
