@@ -252,7 +252,6 @@ def retired_option(config_dict):
     return None
 
 
-TIME_MASK_SPAN = 5         # --time_mask: frames per hidden span
 DEFAULT_BRIDGE_LR = 3e-3   # bench/quality.py: a random bridge at T5's fine-tuning rate (5e-5) barely learns
 DECODING_DEFAULTS = dict(num_beams=4, max_new_tokens=64, length_penalty=1.5, repetition_penalty=1.0,
                          no_repeat_ngram_size=0)
@@ -1463,16 +1462,12 @@ class FrameEncoder(nn.Module):
         self.register_buffer("frame_std", torch.ones(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
         self.frame_norm = nn.LayerNorm(d_model)
-        self.time_mask = 0.0   # --time_mask (the trainer sets it): the share of training frames hidden in spans
 
     def forward(self, frames, lengths):      # (B, T, D), (B,) -> (B, T', d), padding mask (B, T'); T' = ceil(T / stride)
         lengths = lengths.to(self.frame_mean.device)
         frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
         batch, length, dim = frames.shape
         valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
-        if self.training and self.time_mask:   # spans of TIME_MASK_SPAN frames set to the training mean (0)
-            starts = torch.rand(batch, 1, length, device=frames.device) < self.time_mask / TIME_MASK_SPAN
-            valid = valid & (F.max_pool1d(F.pad(starts.float(), (TIME_MASK_SPAN - 1, 0)), TIME_MASK_SPAN, 1)[:, 0] == 0)
         frames = frames * valid[..., None]                           # padding is 0 inside the last window too
         steps = -(-length // self.stride)                            # windows start at 0, s, 2s, ... < T
         frames = F.pad(frames, (0, 0, 0, (steps - 1) * self.stride + self.kernel - length))
@@ -2899,7 +2894,6 @@ class Trainer:
             config = config.replace(feature_dim=datasets["train"].feature_dim)
         self.raw_model = SONARwithT5(None, config=config, encoder=encoder, device=self.device)
         self.config = self.raw_model.config
-        self.raw_model.bridge.frame_encoder.time_mask = args.time_mask
         for dataset in datasets.values():
             dataset.tokenize(self.raw_model, args.max_target_length)
         if not self.config.uses_encoder:
@@ -3846,8 +3840,6 @@ def build_parser():
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the training loss")
-    g.add_argument("--time_mask", type=float, default=0.0, help="share of each training clip's frames hidden, in "
-                   "spans of 5 frames (0: none)")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     g.add_argument("--max_target_length", type=int, default=128, help="target tokens kept per sentence")
     g.add_argument("--seed", type=int, default=42, help="random seed")
