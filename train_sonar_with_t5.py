@@ -2678,9 +2678,7 @@ def epoch_batches(num_items, batch_size, epoch, seed, world, lengths=None):
     if world.size > 1:
         order += order[: (-len(order)) % world.size]
         order = order[world.rank:: world.size]
-    if lengths is not None and epoch == 0:   # the first epoch from the shortest clips up (SortaGrad, Deep Speech 2)
-        order = sorted(order, key=lambda i: int(lengths[i]))
-    if lengths is None or epoch == 0:
+    if lengths is None:
         return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     run = batch_size * GROUP_BATCHES
     batches = []
