@@ -1246,9 +1246,10 @@ class How2SignDataset(Dataset):
         return len(self.ids)
 
     def reading(self):
-        """How the split was read, for --check and the log: its layout, the pose clips and what they lacked, and
-        the spans cut at their file's end."""
-        lines = [f"read as {self.layout}"]
+        """How the split was read, for --check and the log: its layout, its spans (--feature_fps), the pose clips and
+        what they lacked, and the spans cut at their file's end."""
+        lines = [f"read as {self.layout}"] + ([f"--feature_fps {self.feature_fps:g}: spans from {self.span_reading}"]
+                                              if self.span_reading else [])
         kinds = Counter("How2Sign keypoint folders" if os.path.isdir(path) else ".pose files"
                         for path in self.paths if is_pose_clip(path))
         if kinds:
@@ -1326,15 +1327,6 @@ def collate_clips(items):
     if "features" in batch:
         batch["features"] = batch["features"][:, : int(batch["length"].max())].contiguous()
     return batch
-
-
-def skip_summary(dataset):
-    """One console line per split: how many rows/clips were skipped, why, and the first ids."""
-    if not dataset.skipped:
-        return None
-    first = ", ".join(clip_id for clip_id, _ in dataset.skipped[:5])
-    return (f"{dataset.split}: skipped {len(dataset.skipped)} rows/clips ({dataset.skip_summary_kinds()}); "
-            f"first: {first}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1555,12 +1547,6 @@ class Bridge(nn.Module):
     def attention_bridge(self):
         return self.blocks[0].attention
 
-    @property
-    def projection(self):
-        """The original module's `projection`: the layer that first maps the sentence embedding towards
-        T5's width (to the memory tokens)."""
-        return self.memory_projection
-
     @torch.no_grad()
     def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
         """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints); embeddings
@@ -1657,12 +1643,6 @@ def load_tokenizer(name, origin):
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"{origin}: cannot load the tokenizer of decoder '{name}' ({first_line(error)}); "
                         "offline? keep its t5_export/ folder beside the checkpoint") from None
-
-
-def uses_t5_loss(config):
-    """T5 is run stack by stack, its head only on target tokens. Not mT5: transformers 5.x's MT5 never scales
-    the decoder output, 4.x's does when tied, so its own loss (the model's forward) is the safe one."""
-    return config.model_type == "t5"
 
 
 def config_is_untied(config_dict):
@@ -1901,7 +1881,7 @@ class DecoderAdapter(nn.Module):
         targets = labels != -100
         seq2seq = self.seq2seq
         config = seq2seq.config
-        if not uses_t5_loss(config):
+        if config.model_type != "t5":   # (mT5 too: 5.x's MT5 never scales the decoder output, 4.x's does when tied)
             output = self.t5(encoder_outputs=encoder_output(memory), attention_mask=mask, labels=labels,
                                 use_cache=False)
             if not smoothing:
@@ -2077,8 +2057,9 @@ class SONARwithT5(nn.Module):
 
     @property
     def projection(self):
-        """The original module's name for the layer from the sentence embedding into the decoder's width."""
-        return self.bridge.projection
+        """The original module's name for the layer from the sentence embedding into the decoder's width (to the
+        bridge's memory tokens)."""
+        return self.bridge.memory_projection
 
     @property
     def t5(self):
@@ -2088,15 +2069,6 @@ class SONARwithT5(nn.Module):
     @property
     def tokenizer(self):
         return self.decoder.tokenizer
-
-    @property
-    def target_lang_id(self):
-        return self.decoder.target_lang_id
-
-    @property
-    def decoder_model(self):
-        """The transformers model itself (a PEFT wrapper's base model, with its LoRA layers)."""
-        return self.decoder.seq2seq
 
     @property
     def device(self):
@@ -2712,30 +2684,6 @@ def encode_dataset(model, dataset, batch_size=4096):
     return torch.cat(chunks)                                                  # (N, E)
 
 
-def clip_gradients(parameters, max_norm):
-    """Clip the total gradient norm to max_norm; returns the norm as a float.
-
-    float() syncs the GPU once per optimizer step, which the non-finite check needs anyway; in
-    exchange the second pass over every gradient happens only when clipping is needed.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-    if math.isfinite(norm) and norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
-    return norm
-
-
-def fused_adamw(device):
-    """AdamW's fused kernel (one pass over all parameters) where this torch has it for the device."""
-    try:
-        torch.optim.AdamW([nn.Parameter(torch.zeros(1, device=device))], fused=True)
-        return {"fused": True}
-    except (RuntimeError, TypeError, ValueError):
-        return {}
-
-
 def parameter_groups(model):
     """Trainable parameters by part: decoder, bridge, encoder (they train at different rates)."""
     groups = {"decoder": [], "bridge": [], "encoder": []}
@@ -2746,18 +2694,8 @@ def parameter_groups(model):
     return groups
 
 
-def count_trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 OOM_TRAINING_HINT = ("lower --batch_size (and raise --grad_accum_steps to keep the global batch), "
                      "--max_target_length or --num_queries")
-
-
-def bridge_learning_rate(args):
-    """The bridge's peak learning rate: --bridge_learning_rate, else DEFAULT_BRIDGE_LR (the bridge starts from
-    random weights; T5 need not)."""
-    return args.bridge_learning_rate or DEFAULT_BRIDGE_LR
 
 
 def load_split(args, split, manifest, features, feature_dim, require_text=True, progress=True):
@@ -2785,14 +2723,12 @@ def warn_if_test_is_not_held_out(val, test):
 
 
 def report_dataset(dataset, manifest):
-    """The log lines every run prints about a split: how it was read, what was skipped."""
+    """The log lines every run prints about a split: how it was read, what was skipped (why, the first ids)."""
     for line in dataset.reading():
         logger.info(f"{dataset.split}: {line}")
-    if dataset.span_reading:
-        logger.info(f"{dataset.split}: --feature_fps {dataset.feature_fps:g}: spans from {dataset.span_reading}.")
-    summary = skip_summary(dataset)
-    if summary:
-        logger.warning(summary)
+    if dataset.skipped:
+        logger.warning(f"{dataset.split}: skipped {len(dataset.skipped)} rows/clips ({dataset.skip_summary_kinds()}); "
+                       f"first: {', '.join(clip_id for clip_id, _ in dataset.skipped[:5])}")
     logger.info(f"{dataset.split}: {len(dataset)} clips ({dataset.feature_dim}-d features, "
                 f"up to {dataset.max_frames} frames) from {manifest}")
 
@@ -2961,10 +2897,10 @@ class Trainer:
 
         args = self.args
         groups = parameter_groups(self.raw_model)
-        rates = {"decoder": args.learning_rate, "bridge": bridge_learning_rate(args),
+        rates = {"decoder": args.learning_rate, "bridge": args.bridge_learning_rate,
                  "encoder": args.learning_rate * args.encoder_lr_scale}
         self.optimizer = torch.optim.AdamW([{"params": p, "lr": rates[g]} for g, p in groups.items() if p],
-                                           weight_decay=args.weight_decay, **fused_adamw(self.device))
+                                           weight_decay=args.weight_decay, fused=True)
         batches = math.ceil(math.ceil(len(self.train_set) / self.world.size) / args.batch_size)
         self.steps_per_epoch = math.ceil(batches / args.grad_accum_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, args.warmup_steps,
@@ -3002,10 +2938,10 @@ class Trainer:
     def fit(self):
         args = self.args
         global_batch = args.batch_size * self.world.size * args.grad_accum_steps
+        trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         logger.info(f"Training {args.epochs} epochs of {self.steps_per_epoch} steps on {self.device} "
-                    f"({self.precision}, {self.world.size} process(es), global batch {global_batch}, "
-                    f"bridge at learning rate {bridge_learning_rate(args):g}, decoder at "
-                    f"{args.learning_rate:g}, {count_trainable(self.raw_model):,} trainable parameters)")
+                    f"({self.precision}, {self.world.size} process(es), global batch {global_batch}, bridge at learning "
+                    f"rate {args.bridge_learning_rate:g}, decoder at {args.learning_rate:g}, {trainable:,} trainable parameters)")
         if args.patience and self.state.stale_evals >= args.patience:
             logger.info(f"This run stopped early after epoch {self.state.epoch} (validation {args.early_stopping_metric} "
                         f"had not improved for {self.state.stale_evals} evaluations): nothing to train. Raise --patience "
@@ -3031,14 +2967,9 @@ class Trainer:
         self.world.barrier()
         return self.finish()
 
-    def epoch_batches(self, epoch):
-        """This process's training batches of `epoch` (indices): clips of similar length (less padding)."""
-        args = self.args
-        return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world, self.train_set.lengths)
-
     def train_epoch(self, epoch):
         args, state = self.args, self.state
-        batches = self.epoch_batches(epoch)
+        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world, self.train_set.lengths)
         loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], self.device)
         self.model.train()
         bad_in_row = 0
@@ -3088,7 +3019,8 @@ class Trainer:
     def optimizer_step(self):
         """Unscale, clip, check, step, schedule. Returns False (and skips) on a non-finite gradient."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self.raw_model.parameters(), self.args.max_grad_norm)
+        # (float(): syncs the GPU once per optimizer step, which the non-finite check needs anyway)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.args.max_grad_norm))
         if math.isfinite(grad_norm):
             self.scaler.step(self.optimizer)
             self.scheduler.step()
@@ -3116,10 +3048,9 @@ class Trainer:
         """Predictions over every clip of the validation set (or of `dataset`), split across processes and
         gathered: (predictions in dataset order, loss, scores)."""
         dataset = dataset or self.val_set
-        indices = list(range(len(dataset)))
-        batches = length_sorted_batches(dataset, indices[self.world.rank:: self.world.size], self.args.eval_batch_size)
-        part = translate(self.raw_model, clip_batches(dataset, batches),
-                         generation_kwargs(self.decoding), self.precision, progress=self.world.is_main)
+        indices = list(range(len(dataset)))[self.world.rank:: self.world.size]
+        batches = clip_batches(dataset, length_sorted_batches(dataset, indices, self.args.eval_batch_size))
+        part = translate(self.raw_model, batches, generation_kwargs(self.decoding), self.precision, progress=self.world.is_main)
         gathered = self.world.gather(part)
         by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
         predictions = [by_index[i] for i in sorted(by_index)]
@@ -3223,14 +3154,9 @@ class Trainer:
         grid = {name: values for name, values in parse_sweep(self.args.decoding_grid, "--decoding_grid").items() if name not in self.given}
         if not grid:
             return None
-        settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
         indices = list(range(len(self.val_set)))[self.world.rank:: self.world.size]
         batches = clip_batches(self.val_set, length_sorted_batches(self.val_set, indices, self.args.eval_batch_size))
-        parts = self.world.gather(sweep_translations(self.raw_model, batches, self.decoding, settings, self.precision))
-        outputs = [sorted({p.index: p for part in parts for p in part[k]}.values(), key=lambda p: p.index)
-                   for k in range(len(settings))]
-        rows = [{"settings": setting, "scores": score_predictions(predictions), "predictions": predictions}
-                for setting, predictions in zip(settings, outputs)]
+        rows = sweep_rows(self.raw_model, batches, self.decoding, grid, self.precision, self.world.gather)
         best = max(rows, key=lambda row: row["scores"]["bleu"])     # the first of equals: the grid's order
         self.decoding = {**self.decoding, **best["settings"]}
         if self.world.is_main:
@@ -3432,8 +3358,6 @@ def run_check(args):
               f"(feature dims: {dims}; {int(dataset.lengths.min())}-{dataset.max_frames} frames)")
         for line in dataset.reading():
             print(f"      {line}")
-        if dataset.span_reading:
-            print(f"      --feature_fps {args.feature_fps:g}: spans from {dataset.span_reading}")
         for reason, count in dataset.skip_kinds().most_common():
             examples = list(dict.fromkeys(clip_id for clip_id, r in dataset.skipped if skip_kind(r) == reason))[:3]
             print(f"      {count} {reason}: {', '.join(examples)}")
@@ -3495,9 +3419,11 @@ def parse_sweep(text, flag="--sweep"):
 
 
 @torch.no_grad()
-def sweep_translations(model, batches, decoding, settings, precision):
-    """Predictions of every decoding setting (each over `decoding`) on the same clips, each batch's decoder memory
-    (encoder output and frame memory) computed once and reused by every setting: one list per setting."""
+def sweep_rows(model, batches, decoding, grid, precision, gather=lambda part: [part]):
+    """Every combination of the grid's settings (each over `decoding`) on the same clips, each batch's decoder memory
+    (encoder output and frame memory) computed once and reused by every setting; with `gather`, every process's
+    share: [{"settings", "scores", "predictions"}], in the grid's order."""
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     outputs = [[] for _ in settings]
     model.eval()
     for batch in tqdm(batches, desc=f"decoding with {len(settings)} settings", leave=False):
@@ -3508,7 +3434,11 @@ def sweep_translations(model, batches, decoding, settings, precision):
             for predictions, setting in zip(outputs, settings):
                 sentences = model.decoder.generate(memory, mask, **generation_kwargs({**decoding, **setting}))
                 predictions += map(Prediction._make, zip(batch["index"].tolist(), batch["id"], batch["text"], sentences))
-    return outputs
+    parts = gather(outputs)
+    outputs = [sorted({p.index: p for part in parts for p in part[k]}.values(), key=lambda p: p.index)
+               for k in range(len(settings))]
+    return [{"settings": setting, "scores": score_predictions(predictions), "predictions": predictions}
+            for setting, predictions in zip(settings, outputs)]
 
 
 def log_sweep_table(grid, rows):
@@ -3521,16 +3451,13 @@ def log_sweep_table(grid, rows):
 
 
 def run_sweep(model, batches, decoding, grid, precision, path):
-    """--predict --sweep: every combination of the grid's settings on the same clips (sweep_translations); a
-    table of BLEU, chrF, repeated 4-grams and length ratio per setting, the best first, and sweep.json."""
-    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    outputs = sweep_translations(model, batches, decoding, settings, precision)
-    rows = sorted(({"settings": setting, "scores": score_predictions(predictions)}
-                   for setting, predictions in zip(settings, outputs)), key=lambda row: -row["scores"]["bleu"])
+    """--predict --sweep: every combination of the grid's settings on the same clips (sweep_rows); a table of
+    BLEU, chrF, repeated 4-grams and length ratio per setting, the best first, and sweep.json."""
+    rows = sorted(sweep_rows(model, batches, decoding, grid, precision), key=lambda row: -row["scores"]["bleu"])
     log_sweep_table(grid, rows)
     atomic_write_text(path, json.dumps([{"settings": row["settings"], **score_record(row["scores"], prefix="")}
                                         for row in rows], indent=2) + "\n")
-    logger.info(f"Wrote {path}: {len(rows)} settings on {len(outputs[0])} clips; the best: {rows[0]['settings']}")
+    logger.info(f"Wrote {path}: {len(rows)} settings on {len(rows[0]['predictions'])} clips; the best: {rows[0]['settings']}")
     return 0
 
 
@@ -3832,9 +3759,8 @@ def build_parser():
     g.add_argument("--batch_size", type=int, default=16, help="clips per step and process")
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=5e-5, help="peak learning rate of T5")
-    g.add_argument("--bridge_learning_rate", type=float, default=None,
-                   help=f"peak learning rate of the (randomly initialised) bridge; default {DEFAULT_BRIDGE_LR:g} "
-                        "whatever --learning_rate is")
+    g.add_argument("--bridge_learning_rate", type=float, default=DEFAULT_BRIDGE_LR,
+                   help="peak learning rate of the (randomly initialised) bridge, whatever --learning_rate is")
     g.add_argument("--encoder_lr_scale", type=float, default=0.1,
                    help="encoder learning rate = learning_rate x this (with --no-freeze_encoder)")
     g.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps")

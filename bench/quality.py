@@ -181,8 +181,7 @@ def pretrain(random_folder, folder, corpus):
     tokenizer = AutoTokenizer.from_pretrained(random_folder)
     model = T5ForConditionalGeneration.from_pretrained(random_folder).train()
     encoded = tokenizer(corpus, max_length=64, truncation=True)["input_ids"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=0.01,
-                                  **tsw.fused_adamw(torch.device("cpu")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=0.01, fused=True)
     schedule = get_linear_schedule_with_warmup(optimizer, PRETRAIN["warmup"], PRETRAIN["steps"])
     started = time.time()
     for step in range(PRETRAIN["steps"]):

@@ -125,6 +125,12 @@ def measure_ours(root, shape, device, precision, *extra):
     return time_epoch(trainer, 0, shape, device), setup_s, trainer
 
 
+def training_batches(trainer, epoch):
+    """The trainer's batches of `epoch` (indices), as its training loop draws them."""
+    args = trainer.args
+    return tsw.epoch_batches(len(trainer.train_set), args.batch_size, epoch, args.seed, trainer.world, trainer.train_set.lengths)
+
+
 def batch_shapes(trainer, batches):
     """Each training batch's labels and what T5 reads for it: (tokens its encoder reads, tokens its
     cross-attention reads besides the encoder's output), queries and frame tokens as ours sends them."""
@@ -204,7 +210,7 @@ def counted_flops(run):
 def paired_flops(trainer, epoch, bare, labels, inputs):
     """FLOPs of a forward + backward of ours and of bare T5 on each batch time_paired timed (after warm-up),
     summed: (ours, bare). Counted after the timing, outside it; gradients dropped, weights untouched."""
-    batches = trainer.epoch_batches(epoch)[WARMUP_STEPS:len(labels)]
+    batches = training_batches(trainer, epoch)[WARMUP_STEPS:len(labels)]
     trainer.model.train()
     ours = bare_total = 0
     for i, batch in enumerate(tsw.clip_batches(trainer.train_set, batches), start=WARMUP_STEPS):
@@ -223,7 +229,7 @@ class BareT5:
         from transformers import T5ForConditionalGeneration
         self.shape, self.device, self.precision = shape, device, precision
         self.t5 = T5ForConditionalGeneration.from_pretrained(root / "t5").to(device).train()
-        self.optimizer = torch.optim.AdamW(self.t5.parameters(), lr=5e-5, weight_decay=0.01, **tsw.fused_adamw(device))
+        self.optimizer = torch.optim.AdamW(self.t5.parameters(), lr=5e-5, weight_decay=0.01, fused=True)
 
     def loss(self, labels, length, extra):
         """The forward pass: T5's loss on `labels` from `length` input tokens and `extra` memory tokens."""
@@ -316,7 +322,7 @@ def flops_by_module(args, device, precision):
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
             trainer = build_trainer(root, shape, device, precision, *extra)
-            batch = next(iter(tsw.clip_batches(trainer.train_set, [trainer.epoch_batches(2)[WARMUP_STEPS]])))
+            batch = next(iter(tsw.clip_batches(trainer.train_set, [training_batches(trainer, 2)[WARMUP_STEPS]])))
             counter = FlopCounterMode(display=False, depth=4)
             with torch.no_grad(), counter:
                 trainer.model.train()(batch, label_smoothing=trainer.args.label_smoothing)
@@ -372,14 +378,14 @@ def one_decoder_mode(args, device, precision):
     with tempfile.NamedTemporaryFile() as f:
         torch.save(tsw.model_checkpoint(trainer.raw_model, trainer.args), f.name)
         checkpoint_bytes = Path(f.name).stat().st_size
-    base = {k: v for k, v in trainer.raw_model.decoder_model.named_parameters() if "lora_" not in k}  # tied once
+    base = {k: v for k, v in trainer.raw_model.decoder.seq2seq.named_parameters() if "lora_" not in k}  # tied once
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # KB on Linux -> GB
     stride = trainer.config.frame_stride
     print(json.dumps({"samples_per_s": rate, "peak_rss_gb": peak_rss, "training_rss_gb": peak_rss - setup_rss,
                       "frames_mean": float(trainer.train_set.lengths.float().mean()),
                       "frame_tokens_mean": float((-(-trainer.train_set.lengths // stride)).float().mean()),
                       "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-                      "trainable": tsw.count_trainable(trainer.raw_model), "checkpoint_mb": checkpoint_bytes / 2 ** 20,
+                      "trainable": sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad), "checkpoint_mb": checkpoint_bytes / 2 ** 20,
                       "decoder_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2 ** 20}))
 
 
@@ -541,7 +547,7 @@ def main():
             ours, setup_s, trainer = measure_ours(root, shape, device, precision, *extra)
             eval_rate = time_evaluation(trainer, device)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
-            labels, inputs = batch_shapes(trainer, trainer.epoch_batches(2))
+            labels, inputs = batch_shapes(trainer, training_batches(trainer, 2))
             bare_t5 = BareT5(root, shape, device, precision)
             paired_ours, bare, median_ratio = time_paired(trainer, 2, shape, device, bare_t5, labels, inputs)
             flops_ours, flops_bare = paired_flops(trainer, 2, bare_t5, labels, inputs)

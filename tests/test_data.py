@@ -82,7 +82,7 @@ def test_zero_frames_padded_in_the_file_do_not_change_the_embedding(tmp_path, cl
     assert kept.lengths.tolist() == [300]
 
 
-def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
+def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path, caplog):
     rng = np.random.default_rng(1)
     folder = tmp_path / "features"
     good = rng.normal(size=(4, 8)).astype(np.float32)
@@ -113,8 +113,10 @@ def test_every_bad_clip_and_row_is_skipped_with_its_reason(tmp_path):
     assert reasons["shared"] == "id shared by 2 different texts"
     assert reasons["good"] == "duplicate manifest row"
     assert not marker.exists(), "a pickled payload in a feature file ran"
-    summary = tsw.skip_summary(dataset)
-    assert summary.startswith("data: skipped 12 rows/clips") and "1 missing feature file" in summary
+    with caplog.at_level("WARNING", logger=tsw.logger.name):
+        tsw.report_dataset(dataset, tmp_path / "m.tsv")
+    summary = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(summary) == 1 and summary[0].startswith("data: skipped 12 rows/clips") and "1 missing feature file" in summary[0]
 
 
 def test_collate_pads_labels_with_minus_100(tmp_path, clips):

@@ -54,12 +54,12 @@ def test_each_family_trains_predicts_resumes_and_exports(project, decoders, fami
     assert [m["epoch"] for m in tsw.read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
-    assert type(model.decoder_model).__name__ == {"nllb": "M2M100ForConditionalGeneration", "bart":
+    assert type(model.decoder.seq2seq).__name__ == {"nllb": "M2M100ForConditionalGeneration", "bart":
                                                   "BartForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
                                                   "mbart": "MBartForConditionalGeneration"}[family]
     if family in ("nllb", "mbart"):   # targets start with the language code; generation is forced to it, drops it
         code = model.tokenizer.convert_tokens_to_ids(TARGET_LANG[family][1])
-        assert model.target_lang_id == code and model.target_ids(["Hi there."])[0][0] == code
+        assert model.decoder.target_lang_id == code and model.target_ids(["Hi there."])[0][0] == code
     best = read_tsv(out / "best_predictions.tsv")
     assert not any(code in row["prediction"] for row in best for code in ("_Latn", "_XX", "_DE"))
     assert run("--predict", "--checkpoint", out / "best_model.pt", "--features", project / "features/val",
@@ -154,7 +154,7 @@ def test_lora_decoder_checkpoints_hold_only_the_trained_parts(project, decoders,
     before = weights(decoders["nllb"])
     model = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
     assert model.config.prefix_width == tsw.ADAPTER_PREFIX_DIM == model.bridge.prefix_mlp[0].out_features
-    after = {k.replace(".base_layer", ""): v for k, v in model.decoder_model.state_dict().items() if "lora_" not in k}
+    after = {k.replace(".base_layer", ""): v for k, v in model.decoder.seq2seq.state_dict().items() if "lora_" not in k}
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)   # base unchanged
     saved = torch.load(out / "best_model.pt")["model_state_dict"]
     assert all("lora_" in k for k in saved if k.startswith("decoder."))
@@ -183,10 +183,10 @@ def test_guide_cell7_rebuilds_any_decoder_from_its_checkpoint(project, decoders)
     assert run(*quick_flags(project, out, "--t5_model", decoders["nllb"], "--lora_rank", "4", "--epochs", "1",
                             "--report_to", "none")) == 0
     model = tsw.SONARwithT5(sonar_checkpoint="checkpoints/sonar_encoder_finetuned/best_encoder.pt", device="cpu")
-    assert type(model.decoder_model).__name__ == "T5ForConditionalGeneration"
+    assert type(model.decoder.seq2seq).__name__ == "T5ForConditionalGeneration"
     model.load_state_dict(torch.load(out / "best_model.pt")["model_state_dict"])
     reference = tsw.SONARwithT5.from_checkpoint(out / "best_model.pt")
-    assert type(model.decoder_model).__name__ == "M2M100ForConditionalGeneration"
+    assert type(model.decoder.seq2seq).__name__ == "M2M100ForConditionalGeneration"
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert all(torch.equal(a, reference.state_dict()[k]) if torch.is_tensor(a) else a == reference.state_dict()[k]
                for k, a in model.state_dict().items())
@@ -198,7 +198,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(project, decod
         t5, tokenizer = tsw.load_decoder(decoders["bart"])
         model = tsw.SONARwithT5(None, "bart", device="cpu", decoder=t5, tokenizer=tokenizer, encoder_dims=(64, 128, 128, 256),
                                 feature_dim=64, lora_rank=4, gradient_checkpointing=checkpointing).train()
-        assert model.decoder_model.model.encoder.gradient_checkpointing == checkpointing
+        assert model.decoder.seq2seq.model.encoder.gradient_checkpointing == checkpointing
         batch = model.batch_from_features(torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1)))
         batch["labels"] = model.labels_from_texts(["Cut the onion.", "Fold the paper twice."])
         torch.manual_seed(2)
