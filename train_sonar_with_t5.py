@@ -3148,8 +3148,9 @@ class Trainer:
 
     def tune_decoding(self, trained_scores):
         """The best checkpoint's decoding, chosen on every validation clip from --decoding_grid (the settings the
-        command line did not set; each batch encoded once) and kept in self.decoding for the test split, results
-        and --predict. Returns what the log and results.json say of it (None when there is nothing to tune), with
+        command line did not set; each batch encoded once): the highest BLEU of the settings that loop (repeat a
+        4-gram) in at most LOOP_SHARE of the clips, of all where each loops; kept in self.decoding for the test split,
+        results and --predict. Returns what the log and results.json say of it (None when there is nothing to tune), with
         the chosen setting's predictions and scores."""
         grid = {name: values for name, values in parse_sweep(self.args.decoding_grid, "--decoding_grid").items() if name not in self.given}
         if not grid:
@@ -3157,7 +3158,7 @@ class Trainer:
         indices = list(range(len(self.val_set)))[self.world.rank:: self.world.size]
         batches = clip_batches(self.val_set, length_sorted_batches(self.val_set, indices, self.args.eval_batch_size))
         rows = sweep_rows(self.raw_model, batches, self.decoding, grid, self.precision, self.world.gather)
-        best = max(rows, key=lambda row: row["scores"]["bleu"])     # the first of equals: the grid's order
+        best = max(rows, key=lambda row: (row["scores"]["repeat_4gram_share"] <= LOOP_SHARE, row["scores"]["bleu"]))
         self.decoding = {**self.decoding, **best["settings"]}
         if self.world.is_main:
             logger.info(f"Decoding chosen on the {len(self.val_set)} validation clips with the best model (--decoding_grid "
@@ -3791,8 +3792,9 @@ def build_parser():
                    help="the guide used 2")
     g.add_argument("--decoding_grid", default=DECODING_GRID, metavar='"SETTING=V1,V2 ..."',
                    help="after training, the best model's decoding is chosen on the validation clips from every "
-                        "combination of these settings (those typed on the command line kept as typed); the test split "
-                        "and --predict use it. 'none': decode as trained")
+                        "combination of these settings (those typed on the command line kept as typed): the highest BLEU "
+                        "of those whose predictions loop (repeat a 4-gram) in at most a tenth of the clips; the test "
+                        "split and --predict use it. 'none': decode as trained")
 
     g.add_argument("--patience", type=int, default=0,
                    help="early stopping: stop after this many evaluations without improvement of "

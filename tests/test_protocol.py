@@ -217,7 +217,7 @@ def test_decoding_chosen_on_validation_is_what_the_test_split_and_predict_use(pr
                                 "--decoding_grid", "no_repeat_ngram_size=0,1 repetition_penalty=1.0,1.3")) == 0
     results = json.loads((out / "results.json").read_text())
     tuning = results["decoding_tuning"]
-    best = max(tuning["settings"], key=lambda row: row["val_bleu"])                 # the first of equals
+    best = max(tuning["settings"], key=lambda row: (row["val_repeat_4gram_share"] <= tsw.LOOP_SHARE, row["val_bleu"]))
     assert len(tuning["settings"]) == 4 and tuning["chosen"] == {k: best[k] for k in ("no_repeat_ngram_size", "repetition_penalty")}
     assert results["val_bleu"] == pytest.approx(best["val_bleu"])
     assert {k: results["decoding"][k] for k in tuning["chosen"]} == tuning["chosen"]
@@ -233,6 +233,28 @@ def test_decoding_chosen_on_validation_is_what_the_test_split_and_predict_use(pr
     other = 1 - tuning["chosen"]["no_repeat_ngram_size"]
     assert predict(out / "best_model.pt", project, "test", "--no_repeat_ngram_size", str(other),
                    "--repetition_penalty", str(tuning["chosen"]["repetition_penalty"])) != test_rows
+
+
+@pytest.mark.parametrize("guarded_loops", [False, True])
+def test_the_decoding_chosen_on_validation_loops_only_when_every_setting_does(project, tmp_path, monkeypatch, guarded_loops):
+    """The setting without the repetition guard scores the higher validation BLEU but loops in half the clips: the
+    guarded one is chosen, unless it loops too (then the higher BLEU is)."""
+    sweep_rows = tsw.sweep_rows
+
+    def scored(*args, **kwargs):
+        rows = sweep_rows(*args, **kwargs)
+        for row in rows:
+            guarded = row["settings"]["no_repeat_ngram_size"] == 3
+            row["scores"] = {**row["scores"], "bleu": 10.0 if guarded else 20.0,
+                             "repeat_4gram_share": 0.5 if guarded_loops or not guarded else 0.05}
+        return rows
+
+    monkeypatch.setattr(tsw, "sweep_rows", scored)
+    out = tmp_path / "run"
+    assert tsw.main(quick_flags(project, out, "--epochs", "1", "--decoding_grid", "no_repeat_ngram_size=0,3")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["decoding_tuning"]["chosen"] == {"no_repeat_ngram_size": 0 if guarded_loops else 3}
+    assert results["val_bleu"] == (20.0 if guarded_loops else 10.0)
 
 
 def test_a_decoding_setting_typed_on_the_command_line_is_not_tuned(project, tmp_path):
