@@ -1453,8 +1453,9 @@ class FrameEncoder(nn.Module):
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
-        self.mean_projection = nn.Linear(frame_dim, d_model)      # the clip's mean frame, learned in from zero
-        nn.init.zeros_(self.mean_projection.weight)
+        self.mean_projection = nn.Linear(frame_dim, d_model)      # the clip's mean frame: at first as if uncentred
+        with torch.no_grad():
+            self.mean_projection.weight.copy_(self.frame_projection.weight.view(d_model, self.kernel, frame_dim).sum(dim=1))
         nn.init.zeros_(self.mean_projection.bias)
         self.frame_norm = nn.LayerNorm(d_model)
 
