@@ -1453,10 +1453,6 @@ class FrameEncoder(nn.Module):
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
         self.register_buffer("frame_std", torch.ones(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
-        self.mean_projection = nn.Linear(frame_dim, d_model)      # the clip's mean frame: at first as if uncentred
-        with torch.no_grad():
-            self.mean_projection.weight.copy_(self.frame_projection.weight.view(d_model, self.kernel, frame_dim).sum(dim=1))
-        nn.init.zeros_(self.mean_projection.bias)
         self.frame_norm = nn.LayerNorm(d_model)
 
     def forward(self, frames, lengths):      # (B, T, D), (B,) -> (B, T', d), padding mask (B, T'); T' = ceil(T / stride)
@@ -1464,13 +1460,11 @@ class FrameEncoder(nn.Module):
         frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
         batch, length, dim = frames.shape
         valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
-        mean = (frames * valid[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None].to(frames.dtype)   # (B, D)
-        frames = (frames - mean[:, None]) * valid[..., None]         # centred; padding is 0 inside the last window too
+        frames = frames * valid[..., None]                           # padding is 0 inside the last window too
         steps = -(-length // self.stride)                            # windows start at 0, s, 2s, ... < T
         frames = F.pad(frames, (0, 0, 0, (steps - 1) * self.stride + self.kernel - length))
         windows = frames.unfold(1, self.kernel, self.stride)         # (B, T', D, kernel)
         tokens = self.frame_projection(windows.transpose(2, 3).reshape(batch, steps, self.kernel * dim))
-        tokens = tokens + self.mean_projection(mean)[:, None]
         tokens = self.frame_norm(tokens + sinusoidal_positions(tokens.shape[1], tokens.shape[-1], tokens.device))
         kept = torch.div(lengths + self.stride - 1, self.stride, rounding_mode="floor")
         return tokens, torch.arange(tokens.shape[1], device=tokens.device)[None] >= kept[:, None]
