@@ -73,7 +73,6 @@ logger = logging.getLogger("train_sonar_with_t5")
 # 1. Configuration
 
 DEFAULT_T5 = "t5-small"
-TARGET_DROPOUT = float(os.environ.get("TARGET_DROPOUT", "0.2"))
 # Where the frame tokens go is the decoder family's: beside the encoder's output for these (measured better for
 # T5 and mT5 in bench/quality.py, docs/benchmarks/quality.md), in the encoder for the others (BART and M2M100 /
 # NLLB-200 learned far worse beside it).
@@ -1891,10 +1890,6 @@ class DecoderAdapter(nn.Module):
         decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], config.decoder_start_token_id),
                                        labels[:, :-1]], dim=1)
         decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, config.pad_token_id)
-        if self.training and TARGET_DROPOUT:   # screen: the decoder's previous words hidden at random (word dropout)
-            drop = torch.rand(decoder_input_ids.shape, device=decoder_input_ids.device) < TARGET_DROPOUT
-            drop[:, 0] = False
-            decoder_input_ids = decoder_input_ids.masked_fill(drop, self.tokenizer.unk_token_id)
         hidden = seq2seq.decoder(input_ids=decoder_input_ids, encoder_hidden_states=memory,
                                  encoder_attention_mask=mask, use_cache=False)[0]   # (B, L, d)
         hidden = hidden[targets]                                             # (N, d)
