@@ -2344,6 +2344,11 @@ def translate(model, batches, gen_kwargs, precision="fp32", with_loss=True, prog
     return predictions, loss_sum, token_count
 
 
+def in_dataset_order(parts):
+    """Every process's share of a dataset's predictions (lists of Predictions) as one list, in dataset order."""
+    return sorted({p.index: p for part in parts for p in part}.values(), key=lambda p: p.index)
+
+
 def corpus_scores(predictions, references):
     """BLEU-4, chrF (sacreBLEU), BLEU-1..4 and ROUGE-L (None without rouge-score), with the BLEU signature."""
     from sacrebleu.metrics import BLEU, CHRF
@@ -2967,9 +2972,14 @@ class Trainer:
         self.world.barrier()
         return self.finish()
 
+    def epoch_batches(self, epoch):
+        """This process's training batches of `epoch` (indices): clips of similar length (less padding)."""
+        args = self.args
+        return epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world, self.train_set.lengths)
+
     def train_epoch(self, epoch):
         args, state = self.args, self.state
-        batches = epoch_batches(len(self.train_set), args.batch_size, epoch, args.seed, self.world, self.train_set.lengths)
+        batches = self.epoch_batches(epoch)
         loader = clip_batches(self.train_set, batches[state.batch_in_epoch:], self.device)
         self.model.train()
         bad_in_row = 0
@@ -3047,15 +3057,17 @@ class Trainer:
     def evaluate(self, dataset=None):
         """Predictions over every clip of the validation set (or of `dataset`), split across processes and
         gathered: (predictions in dataset order, loss, scores)."""
-        dataset = dataset or self.val_set
-        indices = list(range(len(dataset)))[self.world.rank:: self.world.size]
-        batches = clip_batches(dataset, length_sorted_batches(dataset, indices, self.args.eval_batch_size))
-        part = translate(self.raw_model, batches, generation_kwargs(self.decoding), self.precision, progress=self.world.is_main)
+        part = translate(self.raw_model, self.shard_batches(dataset or self.val_set), generation_kwargs(self.decoding),
+                         self.precision, progress=self.world.is_main)
         gathered = self.world.gather(part)
-        by_index = {p.index: p for predictions, _, _ in gathered for p in predictions}
-        predictions = [by_index[i] for i in sorted(by_index)]
+        predictions = in_dataset_order(predictions for predictions, _, _ in gathered)
         loss = sum(p[1] for p in gathered) / max(sum(p[2] for p in gathered), 1)
         return predictions, loss, score_predictions(predictions)
+
+    def shard_batches(self, dataset):
+        """This process's share of a dataset's clips (every world-size-th), in batches of similar length."""
+        indices = list(range(len(dataset)))[self.world.rank:: self.world.size]
+        return clip_batches(dataset, length_sorted_batches(dataset, indices, self.args.eval_batch_size))
 
     def evaluate_epoch(self, epoch):
         predictions, loss, scores = self.evaluate()
@@ -3149,15 +3161,14 @@ class Trainer:
     def tune_decoding(self, trained_scores):
         """The best checkpoint's decoding, chosen on every validation clip from --decoding_grid (the settings the
         command line did not set; each batch encoded once): the highest BLEU of the settings that loop (repeat a
-        4-gram) in at most LOOP_SHARE of the clips, of all where each loops; kept in self.decoding for the test split,
-        results and --predict. Returns what the log and results.json say of it (None when there is nothing to tune), with
-        the chosen setting's predictions and scores."""
+        4-gram) in at most LOOP_SHARE of the clips (of all of them when each loops more); kept in self.decoding for
+        the test split, results and --predict. Returns what the log and results.json say of it (None when there is
+        nothing to tune), with the chosen setting's predictions and scores."""
         grid = {name: values for name, values in parse_sweep(self.args.decoding_grid, "--decoding_grid").items() if name not in self.given}
         if not grid:
             return None
-        indices = list(range(len(self.val_set)))[self.world.rank:: self.world.size]
-        batches = clip_batches(self.val_set, length_sorted_batches(self.val_set, indices, self.args.eval_batch_size))
-        rows = sweep_rows(self.raw_model, batches, self.decoding, grid, self.precision, self.world.gather)
+        rows = sweep_rows(self.raw_model, self.shard_batches(self.val_set), self.decoding, grid, self.precision,
+                          self.world.gather)
         best = max(rows, key=lambda row: (row["scores"]["repeat_4gram_share"] <= LOOP_SHARE, row["scores"]["bleu"]))
         self.decoding = {**self.decoding, **best["settings"]}
         if self.world.is_main:
@@ -3436,8 +3447,7 @@ def sweep_rows(model, batches, decoding, grid, precision, gather=lambda part: [p
                 sentences = model.decoder.generate(memory, mask, **generation_kwargs({**decoding, **setting}))
                 predictions += map(Prediction._make, zip(batch["index"].tolist(), batch["id"], batch["text"], sentences))
     parts = gather(outputs)
-    outputs = [sorted({p.index: p for part in parts for p in part[k]}.values(), key=lambda p: p.index)
-               for k in range(len(settings))]
+    outputs = [in_dataset_order(part[k] for part in parts) for k in range(len(settings))]
     return [{"settings": setting, "scores": score_predictions(predictions), "predictions": predictions}
             for setting, predictions in zip(settings, outputs)]
 

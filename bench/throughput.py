@@ -125,12 +125,6 @@ def measure_ours(root, shape, device, precision, *extra):
     return time_epoch(trainer, 0, shape, device), setup_s, trainer
 
 
-def training_batches(trainer, epoch):
-    """The trainer's batches of `epoch` (indices), as its training loop draws them."""
-    args = trainer.args
-    return tsw.epoch_batches(len(trainer.train_set), args.batch_size, epoch, args.seed, trainer.world, trainer.train_set.lengths)
-
-
 def batch_shapes(trainer, batches):
     """Each training batch's labels and what T5 reads for it: (tokens its encoder reads, tokens its
     cross-attention reads besides the encoder's output), queries and frame tokens as ours sends them."""
@@ -210,7 +204,7 @@ def counted_flops(run):
 def paired_flops(trainer, epoch, bare, labels, inputs):
     """FLOPs of a forward + backward of ours and of bare T5 on each batch time_paired timed (after warm-up),
     summed: (ours, bare). Counted after the timing, outside it; gradients dropped, weights untouched."""
-    batches = training_batches(trainer, epoch)[WARMUP_STEPS:len(labels)]
+    batches = trainer.epoch_batches(epoch)[WARMUP_STEPS:len(labels)]
     trainer.model.train()
     ours = bare_total = 0
     for i, batch in enumerate(tsw.clip_batches(trainer.train_set, batches), start=WARMUP_STEPS):
@@ -322,7 +316,7 @@ def flops_by_module(args, device, precision):
             root = Path(tmp)
             make_data(root, shape, shape["batch"] * ((args.steps or shape["steps"]) + WARMUP_STEPS))
             trainer = build_trainer(root, shape, device, precision, *extra)
-            batch = next(iter(tsw.clip_batches(trainer.train_set, [training_batches(trainer, 2)[WARMUP_STEPS]])))
+            batch = next(iter(tsw.clip_batches(trainer.train_set, [trainer.epoch_batches(2)[WARMUP_STEPS]])))
             counter = FlopCounterMode(display=False, depth=4)
             with torch.no_grad(), counter:
                 trainer.model.train()(batch, label_smoothing=trainer.args.label_smoothing)
@@ -385,7 +379,8 @@ def one_decoder_mode(args, device, precision):
                       "frames_mean": float(trainer.train_set.lengths.float().mean()),
                       "frame_tokens_mean": float((-(-trainer.train_set.lengths // stride)).float().mean()),
                       "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-                      "trainable": sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad), "checkpoint_mb": checkpoint_bytes / 2 ** 20,
+                      "trainable": sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad),
+                      "checkpoint_mb": checkpoint_bytes / 2 ** 20,
                       "decoder_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2 ** 20}))
 
 
@@ -547,7 +542,7 @@ def main():
             ours, setup_s, trainer = measure_ours(root, shape, device, precision, *extra)
             eval_rate = time_evaluation(trainer, device)
             ours = max(ours, time_epoch(trainer, 1, shape, device))
-            labels, inputs = batch_shapes(trainer, training_batches(trainer, 2))
+            labels, inputs = batch_shapes(trainer, trainer.epoch_batches(2))
             bare_t5 = BareT5(root, shape, device, precision)
             paired_ours, bare, median_ratio = time_paired(trainer, 2, shape, device, bare_t5, labels, inputs)
             flops_ours, flops_bare = paired_flops(trainer, 2, bare_t5, labels, inputs)
