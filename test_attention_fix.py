@@ -71,7 +71,7 @@ def run_checks(args):
     with torch.no_grad():
         embeddings = model.sentence_embedding(batch)
     frames = batch["features"].flatten(0, 1)     # padding included: a probe, not training statistics
-    model.set_statistics(embeddings, frames.mean(dim=0), frames.std(dim=0))
+    model.set_statistics(embeddings, frames.mean(dim=0), tsw.whitening_matrix(frames.T.cov()))
     batch["sentence_embedding"] = embeddings.cpu()
     d_model = model.t5.config.d_model
 

@@ -79,6 +79,8 @@ DEFAULT_T5 = "t5-small"
 CROSS_ROUTE_FAMILIES = ("t5", "mt5")
 ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a LoRA decoder: small checkpoints
 CHECKPOINT_FORMAT = 3        # state dicts carry their ModelConfig; earlier formats are refused
+WHITENING_SHRINKAGE = 1.0    # how softly frames are whitened (0: fully); docs/benchmarks/quality.md measured 1
+WHITENING_FRAMES = 400_000   # the training frames (evenly spaced clips) the whitening is estimated from
 
 
 class UserError(Exception):
@@ -859,7 +861,6 @@ class ClipScan:
     first: int = 0                        # first frame in the file
     length: int = 0                       # valid frames
     dim: int = 0
-    square_mean: torch.Tensor | None = None  # (D,) mean of squares, for the frame statistics
     frames: int | None = None             # its row in the FrameStore
     error: str | None = None
     notes: dict | None = None             # a pose clip's frames of missing points and stray files (read_openpose_folder)
@@ -899,7 +900,8 @@ class FrameStore:
     """Every clip's frames, read once from the clip files into one memory-mapped file on local disk.
 
     A folder: `frames.f16` (each clip's valid frames minus its mean, fp16, one after the other),
-    `index.npz` (per stored clip: offset, length, first frame, dim, mean and mean of squares) and
+    `index.npz` (per stored clip: offset, length, first frame, dim and mean; stores built before 2026-12-08
+    hold each clip's mean of squares too, unread) and
     `meta.json` (per (file, span) of the dataset: its row or why it is unusable). Plain arrays and
     JSON: nothing in it can run code. Its name is a fingerprint of what it was built from (each clip
     file's path, size and modification time, the spans, --feature_fps, trimming), so a changed file,
@@ -965,12 +967,10 @@ class FrameStore:
                     continue
                 d, at = int(index["dims"][entry]), int(index["stat_offsets"][entry])
                 group.append(ClipScan(torch.from_numpy(index["means"][at: at + d].copy()), int(index["firsts"][entry]),
-                                      int(index["lengths"][entry]), d,
-                                      torch.from_numpy(index["square_means"][at: at + d].copy()), entry,
-                                      notes=notes.get(os.path.abspath(path))))
+                                      int(index["lengths"][entry]), d, entry, notes=notes.get(os.path.abspath(path))))
             grouped.append(group)
         for name in ("means", "square_means", "firsts", "stat_offsets"):     # in the dataset now: free them
-            self.index.pop(name)
+            self.index.pop(name, None)
         return grouped
 
 
@@ -986,21 +986,21 @@ class FrameStoreBuilder:
         self.tmp.mkdir(parents=True)
         self.handle = open(self.tmp / "frames.f16", "wb")
         self.lock = threading.Lock()
-        self.rows, self.written = [], 0      # rows: (offset, length, first, dim, mean, square_mean)
+        self.rows, self.written = [], 0      # rows: (offset, length, first, dim, mean)
 
     def disk_full(self):
         return UserError(f"disk full while building the frame store in {self.folder.parent}: it needs about "
                          f"{self.needed / 2 ** 30:.1f} GB; free space there, or put the store elsewhere with "
                          f"--cache_dir DIR (or {CACHE_ENV}=DIR); nothing in --output_dir was changed")
 
-    def keep(self, frames, mean, first, square_mean):
+    def keep(self, frames, mean, first):
         data = (frames - mean).to(torch.float16).numpy().tobytes()
         with self.lock:
             try:
                 self.handle.write(data)
             except OSError as error:
                 raise (self.disk_full() if is_disk_full(error) else error) from None
-            self.rows.append((self.written // 2, frames.shape[0], first, frames.shape[1], mean, square_mean))
+            self.rows.append((self.written // 2, frames.shape[0], first, frames.shape[1], mean))
             self.written += len(data)
             return len(self.rows) - 1
 
@@ -1018,8 +1018,7 @@ class FrameStoreBuilder:
                      lengths=np.array([r[1] for r in rows], dtype=np.int64),
                      firsts=np.array([r[2] for r in rows], dtype=np.int64), dims=dims,
                      stat_offsets=np.concatenate([[0], np.cumsum(dims)]).astype(np.int64),
-                     means=np.concatenate([r[4].numpy() for r in rows]) if rows else empty,
-                     square_means=np.concatenate([r[5].numpy() for r in rows]) if rows else empty)
+                     means=np.concatenate([r[4].numpy() for r in rows]) if rows else empty)
             scans = {os.path.abspath(path): [scan.frames if scan.error is None else scan.error for scan in group]
                      for path, group in zip(spans_by_file, scanned)}
             notes = {os.path.abspath(path): group[0].notes for path, group in zip(spans_by_file, scanned) if group[0].notes}
@@ -1091,7 +1090,7 @@ def scan_into_store(spans_by_file, trim_zero_frames, fps, cache_dir, io_threads=
 
 def scan_file(path, spans, trim_zero_frames, fps=None, keep=None, pose=None):
     """Read a clip file once: one ClipScan per span ((start, end) seconds; None = the whole file). `pose`: a pose
-    clip's prepared_pose. `keep(frames, mean, first, square_mean)` (a FrameStoreBuilder's) stores the frames."""
+    clip's prepared_pose. `keep(frames, mean, first)` (a FrameStoreBuilder's) stores the frames."""
     def failed(reason):
         return [ClipScan(error=reason) for _ in spans]
 
@@ -1129,10 +1128,9 @@ def scan_file(path, spans, trim_zero_frames, fps=None, keep=None, pose=None):
                 scans.append(ClipScan(error=f"empty span ({start:.2f}-{end:.2f} s holds no frame at "
                                             f"{fps:g} features/s)"))
                 continue
-        frames = features[first:stop].double()
-        mean, square_mean = frames.mean(dim=0).float(), frames.pow(2).mean(dim=0).float()
-        scans.append(ClipScan(mean, first, stop - first, features.shape[1], square_mean,
-                              keep(features[first:stop], mean, first, square_mean), notes=pose and pose[1]))
+        mean = features[first:stop].double().mean(dim=0).float()
+        scans.append(ClipScan(mean, first, stop - first, features.shape[1], keep(features[first:stop], mean, first),
+                              notes=pose and pose[1]))
     return scans
 
 
@@ -1188,7 +1186,7 @@ class How2SignDataset(Dataset):
         self.feature_dim = feature_dim or (self.dim_counts.most_common(1)[0][0] if self.dim_counts else None)
         self.ids, self.texts, self.paths, self.first_frames, self.stored = [], [], [], [], []
         means, lengths = [], []
-        frame_sum = frame_square_sum = 0
+        frame_sum = 0
         self.clamped = 0       # spans whose end runs past their file's frames (How2Sign's realigned times do)
         self.pose_notes = {}   # kind: [count, clips, first example] (read_openpose_folder's notes)
         for row, path, scan in results:
@@ -1209,7 +1207,6 @@ class How2SignDataset(Dataset):
             means.append(scan.mean)
             lengths.append(scan.length)
             frame_sum = frame_sum + scan.mean.double() * scan.length
-            frame_square_sum = frame_square_sum + scan.square_mean.double() * scan.length
         if feature_dim and self.dim_counts and feature_dim not in self.dim_counts:
             dims = "/".join(str(d) for d in sorted(self.dim_counts))
             if any(map(is_pose_clip, files)):
@@ -1227,7 +1224,6 @@ class How2SignDataset(Dataset):
         self.max_frames = int(self.lengths.max())
         frames = float(self.lengths.sum())
         self.frame_mean = (frame_sum / frames).float()            # (D,) over every valid frame
-        self.frame_std = (frame_square_sum / frames - (frame_sum / frames) ** 2).clamp(min=0).sqrt().float()
         self.label_ids = None               # filled by tokenize()
         self.sentence_embeddings = None     # filled by the frozen-encoder cache
 
@@ -1291,6 +1287,12 @@ class How2SignDataset(Dataset):
     def frames(self, index):
         """(length, D) float32 frames of one sample, from the frame store."""
         return self.store.residual(self.stored[index]).float() + self.clip_means[index]
+
+    def frame_covariance(self, max_frames=WHITENING_FRAMES):
+        """(D, D) covariance of the frames about frame_mean: every clip's, or every k-th clip's beyond max_frames."""
+        picked = range(0, len(self), -(-int(self.lengths.sum()) // max_frames))
+        centred = (self.frames(i).double() - self.frame_mean.double() for i in picked)
+        return sum(x.T @ x for x in centred) / float(self.lengths[list(picked)].sum())
 
     def __getitem__(self, index):
         item = {"index": index, "id": self.ids[index], "text": self.texts[index],
@@ -1441,8 +1443,19 @@ class BridgeBlock(nn.Module):
         return queries + self.dropout(self.feed_forward(self.ff_norm(queries)))
 
 
+def whitening_matrix(covariance):
+    """(D, D) symmetric map that softly whitens frames of this covariance: each principal direction of
+    eigenvalue e gets variance (1 + s) e / (e + s mean(e)), s = WHITENING_SHRINKAGE. Directions far above the
+    mean (what every clip shares: an extractor's drift, a signer's shift) come down to 1 + s; those near it
+    stay near 1, and weak ones (noise) are not blown up as full whitening would."""
+    eigenvalues, vectors = torch.linalg.eigh(covariance.double())
+    eigenvalues = eigenvalues.clamp(min=0)
+    shrunk = eigenvalues + WHITENING_SHRINKAGE * eigenvalues.mean().clamp(min=1e-12)
+    return ((vectors * ((1 + WHITENING_SHRINKAGE) / shrunk).sqrt()) @ vectors.T).float()
+
+
 class FrameEncoder(nn.Module):
-    """Frames standardised per dimension with training-set statistics, then temporal striding: a window
+    """Frames centred and softly whitened with training-set statistics (whitening_matrix), then temporal striding: a window
     of `kernel` consecutive frames, every `stride` frames, projected into one token (a linear map of the
     stacked frames, i.e. a 1-D convolution: order within the window is kept), with positions.
     stride 1, kernel 1: one token per frame."""
@@ -1451,13 +1464,18 @@ class FrameEncoder(nn.Module):
         super().__init__()
         self.stride, self.kernel = stride, kernel or stride
         self.register_buffer("frame_mean", torch.zeros(frame_dim))
-        self.register_buffer("frame_std", torch.ones(frame_dim))
+        self.register_buffer("frame_whitening", torch.eye(frame_dim))
         self.frame_projection = nn.Linear(self.kernel * frame_dim, d_model)
         self.frame_norm = nn.LayerNorm(d_model)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + "frame_std" in state_dict:    # trained before the whitening: its per-dimension standardisation
+            state_dict[prefix + "frame_whitening"] = torch.diag(1 / state_dict.pop(prefix + "frame_std"))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, frames, lengths):      # (B, T, D), (B,) -> (B, T', d), padding mask (B, T'); T' = ceil(T / stride)
         lengths = lengths.to(self.frame_mean.device)
-        frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) / self.frame_std
+        frames = (frames.to(self.frame_mean.device, self.frame_projection.weight.dtype) - self.frame_mean) @ self.frame_whitening
         batch, length, dim = frames.shape
         valid = torch.arange(length, device=frames.device)[None] < lengths[:, None]
         frames = frames * valid[..., None]                           # padding is 0 inside the last window too
@@ -1548,9 +1566,10 @@ class Bridge(nn.Module):
         return self.blocks[0].attention
 
     @torch.no_grad()
-    def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
-        """Per-dimension statistics of the training set, stored as buffers (saved in checkpoints); embeddings
-        None (frames alone: the summary is learned) leaves their standardisation at the identity."""
+    def set_statistics(self, embeddings, frame_mean=None, frame_whitening=None):
+        """The training set's statistics, stored as buffers (saved in checkpoints): the embeddings' per-dimension
+        mean and std (None, frames alone: the summary is learned, its standardisation stays the identity), the
+        frames' mean and whitening_matrix."""
         if embeddings is not None:
             embeddings = embeddings.float().to(self.embedding_mean.device)
             self.embedding_mean.copy_(embeddings.mean(dim=0))
@@ -1558,7 +1577,7 @@ class Bridge(nn.Module):
                                      if len(embeddings) > 1 else torch.ones_like(self.embedding_std))
         if frame_mean is not None:
             self.frame_encoder.frame_mean.copy_(frame_mean)
-            self.frame_encoder.frame_std.copy_(frame_std.clamp(min=1e-6))
+            self.frame_encoder.frame_whitening.copy_(frame_whitening)
 
     def forward(self, sentence_embedding, frame_tokens, frame_padding):  # (B, E), the frame encoder's -> (B, Q, d)
         # Clips' embeddings share most of their direction (cosine ~0.99); standardising per dimension makes
@@ -2098,9 +2117,9 @@ class SONARwithT5(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             return self.sonar_encoder(clip_mean.float())
 
-    def set_statistics(self, embeddings, frame_mean=None, frame_std=None):
+    def set_statistics(self, embeddings, frame_mean=None, frame_whitening=None):
         """The training set's embedding (and frame) statistics, for the bridge's standardisation."""
-        self.bridge.set_statistics(embeddings, frame_mean, frame_std)
+        self.bridge.set_statistics(embeddings, frame_mean, frame_whitening)
 
     def frame_tokens(self, batch):
         """The clip's frames encoded once per batch (standardised, projected, with positions) and their padding
@@ -2861,7 +2880,8 @@ class Trainer:
                 dataset.sentence_embeddings = train_embeddings if dataset is self.train_set else \
                     encode_dataset(self.raw_model, dataset)
         if not (resume_from or init_from):   # (a trained model keeps the statistics its weights were trained with)
-            self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean, self.train_set.frame_std)
+            self.raw_model.set_statistics(train_embeddings, self.train_set.frame_mean,
+                                          whitening_matrix(self.train_set.frame_covariance()))
         self.build_optimizer()
         if resume_from:
             self.restore(resume_from, self.out / "last.pt")

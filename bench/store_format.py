@@ -51,8 +51,8 @@ def measure_memmap(root, data):
     for frames in data:
         tensor = torch.from_numpy(frames)
         mean = tensor.double().mean(0).float()
-        row = builder.keep(tensor, mean, 0, tensor.double().pow(2).mean(0).float())
-        scans.append([tsw.ClipScan(mean, 0, len(frames), frames.shape[1], None, row)])
+        row = builder.keep(tensor, mean, 0)
+        scans.append([tsw.ClipScan(mean, 0, len(frames), frames.shape[1], row)])
     store = builder.finish({f"clip{i}": None for i in range(len(data))}, scans)
     build = time.perf_counter() - started
     started = time.perf_counter()

@@ -78,6 +78,48 @@ def test_standardisation_buffers_are_saved_and_restored(project_template, tmp_pa
     assert torch.allclose(fresh.bridge.embedding_std, embeddings.std(0, unbiased=False))
 
 
+def test_whitening_brings_shared_directions_down_and_keeps_the_rest(project_template):
+    """Each principal direction of eigenvalue e ends at variance (1 + s) e / (e + s mean(e)): two directions with
+    a hundred times the others' variance (what every clip shares) end near the others, not a hundred times them."""
+    torch.manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(16, 16))[0]
+    scales = torch.tensor([10.0, 10.0] + [1.0] * 14)
+    frames = (torch.randn(50_000, 16) * scales) @ rotation.T + 3.0
+    whitening = tsw.whitening_matrix(frames.T.cov(correction=0))
+    assert torch.allclose(whitening, whitening.T, atol=1e-6)
+    variances = ((frames - frames.mean(0)) @ whitening @ rotation).var(0)
+    eigenvalues = scales ** 2
+    s = tsw.WHITENING_SHRINKAGE
+    expected = (1 + s) * eigenvalues / (eigenvalues + s * eigenvalues.mean())
+    assert torch.allclose(variances, expected, rtol=0.05)
+    assert variances[:2].mean() / variances[2:].mean() < 0.2 * 100     # the shared directions' lead shrinks
+    isotropic = tsw.whitening_matrix(torch.randn(50_000, 16).T.cov(correction=0))
+    assert torch.allclose(isotropic, torch.eye(16), atol=0.05)          # nothing to correct: nearly the identity
+
+
+def test_frame_covariance_is_the_training_frames_and_old_checkpoints_keep_their_standardisation(project_template):
+    dataset = tsw.How2SignDataset(project_template["root"] / "manifests/train.tsv",
+                                  project_template["root"] / "features/train")
+    frames = torch.cat([dataset.frames(i) for i in range(len(dataset))]).double()
+    assert torch.allclose(dataset.frame_covariance(), frames.T.cov(correction=0), atol=1e-3)
+    every_third = torch.cat([dataset.frames(i) for i in range(0, len(dataset), 3)]).double() - dataset.frame_mean
+    few = -(-int(dataset.lengths.sum()) // 3)                             # a third of the frames: every 3rd clip
+    assert torch.allclose(dataset.frame_covariance(max_frames=few), every_third.T @ every_third / len(every_third),
+                          atol=1e-3)
+    torch.manual_seed(0)
+    encoder, mean, std = tsw.FrameEncoder(64, 8).eval(), torch.randn(64), torch.rand(64) + 0.5
+    state = {**encoder.state_dict(), "frame_mean": mean, "frame_std": std}   # saved before the whitening
+    del state["frame_whitening"]
+    encoder.load_state_dict(state)
+    clip = frames[None, :20].float()
+    standardised = tsw.FrameEncoder(64, 8).eval()
+    standardised.load_state_dict({**encoder.state_dict(), "frame_mean": torch.zeros(64),
+                                  "frame_whitening": torch.eye(64)})
+    with torch.no_grad():
+        assert torch.allclose(encoder(clip, torch.tensor([20]))[0],
+                              standardised((clip - mean) / std, torch.tensor([20]))[0], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def overfit(project_template):
     """A tiny model trained on 6 clips until it reproduces them (at most 400 steps)."""
