@@ -80,7 +80,6 @@ CROSS_ROUTE_FAMILIES = ("t5", "mt5")
 ADAPTER_PREFIX_DIM = 256     # the prefix MLP's width beside a LoRA decoder: small checkpoints
 CHECKPOINT_FORMAT = 3        # state dicts carry their ModelConfig; earlier formats are refused
 WHITENING_SHRINKAGE = 1.0    # how softly frames are whitened (0: fully); docs/benchmarks/quality.md measured 1
-WHITENING_FRAMES = 400_000   # the training frames (evenly spaced clips) the whitening is estimated from
 
 
 class UserError(Exception):
@@ -937,13 +936,10 @@ class FrameStore:
 
     @property
     def frames_file(self):
-        """The fp16 frames, memory-mapped on first use (in each process: a DataLoader worker maps its own)."""
+        """The fp16 frames, memory-mapped on first use (each torchrun process maps its own)."""
         if self._frames is None:
             self._frames = np.memmap(self.folder / "frames.f16", dtype=np.float16, mode="r")
         return self._frames
-
-    def __getstate__(self):
-        return {**self.__dict__, "_frames": None}
 
     @property
     def nbytes(self):
@@ -1186,7 +1182,6 @@ class How2SignDataset(Dataset):
         self.feature_dim = feature_dim or (self.dim_counts.most_common(1)[0][0] if self.dim_counts else None)
         self.ids, self.texts, self.paths, self.first_frames, self.stored = [], [], [], [], []
         means, lengths = [], []
-        frame_sum = 0
         self.clamped = 0       # spans whose end runs past their file's frames (How2Sign's realigned times do)
         self.pose_notes = {}   # kind: [count, clips, first example] (read_openpose_folder's notes)
         for row, path, scan in results:
@@ -1206,7 +1201,6 @@ class How2SignDataset(Dataset):
             self.stored.append(scan.frames)
             means.append(scan.mean)
             lengths.append(scan.length)
-            frame_sum = frame_sum + scan.mean.double() * scan.length
         if feature_dim and self.dim_counts and feature_dim not in self.dim_counts:
             dims = "/".join(str(d) for d in sorted(self.dim_counts))
             if any(map(is_pose_clip, files)):
@@ -1222,8 +1216,7 @@ class How2SignDataset(Dataset):
         self.clip_means = torch.stack(means)                      # (N, D)
         self.lengths = torch.tensor(lengths, dtype=torch.long)    # (N,)
         self.max_frames = int(self.lengths.max())
-        frames = float(self.lengths.sum())
-        self.frame_mean = (frame_sum / frames).float()            # (D,) over every valid frame
+        self.frame_mean = ((self.clip_means.double() * self.lengths[:, None]).sum(0) / self.lengths.sum()).float()
         self.label_ids = None               # filled by tokenize()
         self.sentence_embeddings = None     # filled by the frozen-encoder cache
 
@@ -1288,8 +1281,9 @@ class How2SignDataset(Dataset):
         """(length, D) float32 frames of one sample, from the frame store."""
         return self.store.residual(self.stored[index]).float() + self.clip_means[index]
 
-    def frame_covariance(self, max_frames=WHITENING_FRAMES):
-        """(D, D) covariance of the frames about frame_mean: every clip's, or every k-th clip's beyond max_frames."""
+    def frame_covariance(self, max_frames=400_000):
+        """(D, D) covariance of the frames about frame_mean (the mean over every valid frame), from every clip,
+        or past max_frames frames every k-th clip (enough for the whitening; a pass over every frame is slow)."""
         picked = range(0, len(self), -(-int(self.lengths.sum()) // max_frames))
         centred = (self.frames(i).double() - self.frame_mean.double() for i in picked)
         return sum(x.T @ x for x in centred) / float(self.lengths[list(picked)].sum())
@@ -1455,10 +1449,10 @@ def whitening_matrix(covariance):
 
 
 class FrameEncoder(nn.Module):
-    """Frames centred and softly whitened with training-set statistics (whitening_matrix), then temporal striding: a window
-    of `kernel` consecutive frames, every `stride` frames, projected into one token (a linear map of the
-    stacked frames, i.e. a 1-D convolution: order within the window is kept), with positions.
-    stride 1, kernel 1: one token per frame."""
+    """Frames centred and softly whitened with training-set statistics (whitening_matrix), then temporal
+    striding: a window of `kernel` consecutive frames, every `stride` frames, projected into one token (a
+    linear map of the stacked frames, i.e. a 1-D convolution: order within the window is kept), with
+    positions. stride 1, kernel 1: one token per frame."""
 
     def __init__(self, frame_dim, d_model, stride=1, kernel=None):
         super().__init__()
@@ -1567,9 +1561,8 @@ class Bridge(nn.Module):
 
     @torch.no_grad()
     def set_statistics(self, embeddings, frame_mean=None, frame_whitening=None):
-        """The training set's statistics, stored as buffers (saved in checkpoints): the embeddings' per-dimension
-        mean and std (None, frames alone: the summary is learned, its standardisation stays the identity), the
-        frames' mean and whitening_matrix."""
+        """Training-set statistics as buffers (saved in checkpoints): the embeddings' mean and std (None, frames
+        alone: the summary is learned, left at the identity), the frames' mean and whitening_matrix."""
         if embeddings is not None:
             embeddings = embeddings.float().to(self.embedding_mean.device)
             self.embedding_mean.copy_(embeddings.mean(dim=0))
@@ -1803,26 +1796,18 @@ def decoder_for(config, where=None, tokenizer_from=None, origin="this checkpoint
     return model, tokenizer
 
 
-@functools.lru_cache(maxsize=None)
-def beam_search_cache_class():
-    from transformers.cache_utils import EncoderDecoderCache
+def beam_search_cache():
+    """A fresh cache for one generate call. Beam search reorders every cached key and value at every step. The
+    cross-attention ones are the same for every beam of a clip (its one encoder output, repeated per beam) and
+    beams are only ever reordered within a clip, so reordering them copies the whole memory (most of it frames)
+    for nothing: this cache leaves them where they are."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     class BeamSearchCache(EncoderDecoderCache):
-        """Beam search reorders every cached key and value at every step. The cross-attention ones are
-        the same for every beam of a clip (its one encoder output, repeated per beam) and beams are only
-        ever reordered within a clip, so reordering them copies the whole memory (most of it frames)
-        for nothing: this cache leaves them where they are."""
-
         def reorder_cache(self, beam_idx):
             self.self_attention_cache.reorder_cache(beam_idx)
 
-    return BeamSearchCache
-
-
-def beam_search_cache():
-    from transformers.cache_utils import DynamicCache
-
-    return beam_search_cache_class()(DynamicCache(), DynamicCache())
+    return BeamSearchCache(DynamicCache(), DynamicCache())
 
 
 @functools.lru_cache(maxsize=None)
@@ -2663,19 +2648,17 @@ def autocast_for(device, precision):
 GROUP_BATCHES = 50   # length grouping: clips are sorted by length within runs of this many batches
 
 
-def epoch_batches(num_items, batch_size, epoch, seed, world, lengths=None):
+def epoch_batches(num_items, batch_size, epoch, seed, world, lengths):
     """This process's batches for an epoch: a fresh shuffle per epoch, sharded across processes
     like DistributedSampler (padded to a multiple of the world size); reproducible for resume.
-    With `lengths` (frames per clip), batches hold clips of similar length (the frames are padded to
-    the batch's longest): the shuffled order is cut into runs of GROUP_BATCHES batches, each run
-    sorted by length and cut into batches, and the batches shuffled again."""
+    Batches hold clips of similar `lengths` (frames per clip; the frames are padded to the batch's
+    longest): the shuffled order is cut into runs of GROUP_BATCHES batches, each run sorted by length
+    and cut into batches, and the batches shuffled again."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_items, generator=generator).tolist()
     if world.size > 1:
         order += order[: (-len(order)) % world.size]
         order = order[world.rank:: world.size]
-    if lengths is None:
-        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     run = batch_size * GROUP_BATCHES
     batches = []
     for start in range(0, len(order), run):
