@@ -899,8 +899,8 @@ class FrameStore:
     """Every clip's frames, read once from the clip files into one memory-mapped file on local disk.
 
     A folder: `frames.f16` (each clip's valid frames minus its mean, fp16, one after the other),
-    `index.npz` (per stored clip: offset, length, first frame, dim and mean; stores built before 2026-12-08
-    hold each clip's mean of squares too, unread) and
+    `index.npz` (per stored clip: offset, length, first frame, dim and mean; stores built before the frames
+    were whitened hold each clip's mean of squares too, unread) and
     `meta.json` (per (file, span) of the dataset: its row or why it is unusable). Plain arrays and
     JSON: nothing in it can run code. Its name is a fingerprint of what it was built from (each clip
     file's path, size and modification time, the spans, --feature_fps, trimming), so a changed file,
@@ -1463,8 +1463,9 @@ class FrameEncoder(nn.Module):
         self.frame_norm = nn.LayerNorm(d_model)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        if prefix + "frame_std" in state_dict:    # trained before the whitening: its per-dimension standardisation
-            state_dict[prefix + "frame_whitening"] = torch.diag(1 / state_dict.pop(prefix + "frame_std"))
+        std = state_dict.pop(prefix + "frame_std", None)    # trained before the whitening: standardised per dimension
+        if std is not None:
+            state_dict.setdefault(prefix + "frame_whitening", torch.diag(1 / std))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, frames, lengths):      # (B, T, D), (B,) -> (B, T', d), padding mask (B, T'); T' = ceil(T / stride)
